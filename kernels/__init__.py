@@ -1,0 +1,1 @@
+"""Triton kernels of grun_fast, installed as ``grun_fast.kernels``."""
