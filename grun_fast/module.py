@@ -1,0 +1,123 @@
+"""GatedLoReFT: the trainable module installed at one decoder layer.
+
+R is stored unconstrained and made orthonormal by a QR decomposition on use (sign-fixed so it is a
+smooth function). Unlike torch's Householder `orthogonal` parametrisation this cannot collapse under
+weight decay (GRUN.md section 8) and costs a [d, r] QR instead of a d x d map. In training it is
+recomputed once per forward (once per optimiser step); for inference the orthonormal R and the folded
+parameters are cached and rebuilt only when a parameter changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grun_fast import functional
+from grun_fast.errors import GRUNError
+
+
+def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
+    """Rows of `matrix` [r, d] made orthonormal (Gram-Schmidt order, positive diagonal), in fp32 or better."""
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    q, r = torch.linalg.qr(work.transpose(0, 1))
+    sign = torch.sign(torch.diagonal(r))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (q * sign).transpose(0, 1)
+
+
+class GatedLoReFT(nn.Module):
+    """out = h + sigmoid(g(h)) * R^T (W h + b - R h) on hidden states [..., hidden_size]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        rank: int = 4,
+        gate: str = "linear",
+        gate_hidden: tuple[int, ...] = (256, 64),
+        gate_threshold: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hidden_size:
+            raise GRUNError(f"rank must be an integer in [1, hidden_size={hidden_size}], got {rank!r}")
+        if gate not in ("linear", "mlp"):
+            raise GRUNError(f"unknown gate {gate!r}; choose linear or mlp")
+        self.hidden_size, self.rank, self.gate_kind = hidden_size, rank, gate
+        self.gate_threshold = gate_threshold
+        kw = {"device": device, "dtype": dtype}
+        source = nn.Linear(hidden_size, rank, **kw)  # W, b: the usual Linear initialisation
+        self.weight = nn.Parameter(source.weight.detach().clone())
+        self.bias = nn.Parameter(source.bias.detach().clone())
+        self.rotation = nn.Parameter(orthonormalize(torch.randn(rank, hidden_size, **kw)).to(dtype))
+        if gate == "linear":
+            self.gate = nn.Linear(hidden_size, 1, **kw)
+        else:
+            widths = (hidden_size, *gate_hidden)
+            layers: list[nn.Module] = []
+            for width_in, width_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Linear(width_in, width_out, **kw), nn.ReLU()]
+            self.gate = nn.Sequential(*layers, nn.Linear(widths[-1], 1, **kw))
+        self.last_gate: torch.Tensor | None = None
+        self._cache: tuple | None = None
+
+    def orthonormal_rotation(self) -> torch.Tensor:
+        """R [r, d] with orthonormal rows (differentiable)."""
+        return orthonormalize(self.rotation).to(self.rotation.dtype)
+
+    def forward(
+        self, h: torch.Tensor, rows: torch.Tensor | None = None, impl: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (edited h, gate per row); also keeps the gate in `last_gate`."""
+        if h.shape[-1] != self.hidden_size:
+            raise GRUNError(f"hidden states have size {h.shape[-1]}, this module expects {self.hidden_size}")
+        threshold = self.gate_threshold
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            out, gate = self._edit(self.orthonormal_rotation(), h, rows, threshold, impl)
+        else:
+            out, gate = self._cached_forward(h, rows, threshold, impl)
+        self.last_gate = gate
+        return out, gate
+
+    def _gate_logit(self, h: torch.Tensor, linear_gate_folded: bool) -> torch.Tensor | None:
+        if self.gate_kind == "linear" and linear_gate_folded:
+            return None
+        x = h
+        for layer in self.gate:
+            x = F.linear(x, layer.weight.to(h.dtype), layer.bias.to(h.dtype)) if isinstance(layer, nn.Linear) else layer(x)
+        return x.squeeze(-1)
+
+    def _edit(self, rotation, h, rows, threshold, impl):
+        """The functional op on the module's parameters with a given orthonormal R."""
+        if self.gate_kind == "linear":
+            return functional.gated_loreft(
+                h, rotation, self.weight, self.bias, self.gate.weight.reshape(-1), self.gate.bias,
+                rows, gate_threshold=threshold, impl=impl,
+            )
+        return functional.gated_loreft_logit(
+            h, rotation, self.weight, self.bias, self._gate_logit(h, False), rows,
+            gate_threshold=threshold, impl=impl,
+        )
+
+    def _cached_forward(self, h, rows, threshold, impl):
+        rotation, folded = self._folded(h.dtype, h.device)
+        if functional.resolve_impl(impl, h) == "triton":
+            return self._edit(rotation, h, rows, threshold, "triton")
+        logit = self._gate_logit(h, True)
+        return functional.gated_loreft_folded(h, folded, gate_logit=logit, rows=rows, gate_threshold=threshold)
+
+    @torch.no_grad()
+    def _folded(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, functional.Folded]:
+        """Orthonormal R and folded parameters, rebuilt only when a parameter changed (inference)."""
+        key = (dtype, device, tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
+        if self._cache is None or self._cache[0] != key:
+            rotation = self.orthonormal_rotation()
+            if self.gate_kind == "linear":
+                folded = functional.fold(rotation, self.weight, self.bias, self.gate.weight.reshape(-1), self.gate.bias, dtype)
+            else:
+                folded = functional.fold(rotation, self.weight, self.bias, None, None, dtype)
+            self._cache = (key, rotation, folded)
+        return self._cache[1], self._cache[2]
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, rank={self.rank}, gate={self.gate_kind}"
