@@ -1,0 +1,728 @@
+"""Fused Triton kernels for gated LoReFT (GRUN.md section 2), forward and backward, plus their custom ops.
+
+Folded math per row h (row vectors), A = W - R:
+
+    p = h A^T + b  [r],   a = h . w_g + c  (or a given logit),   s = sigmoid(a)
+    out = h + s * (p @ R)                               (only on edited rows; others are copied bit-exact)
+
+Backward with y = dL/dout and g = dL/ds (the gate output's own gradient):
+
+    q = y R^T,  ds = q . p,  da = (ds + g) s (1 - s),  dp = s q
+    dh = y + dp A + da w_g,   dW = dp^T h,   dR = (s p)^T y - dp^T h,   db = sum dp,
+    dw_g = da^T h,   dc = sum da,   (MLP gate: d logit = da)
+
+One forward launch: each program owns BLOCK_M rows; pass 1 walks d reading `h` once and accumulates
+[p | a] in fp32; pass 2 walks d again (re-reading the same rows, expected from L2) and writes `out`.
+One backward launch: the same two passes over `h` and `dout` per row block, writing `dh` in pass 2 and
+accumulating the weight-gradient partials dp^T h, (s p)^T y, da^T h in fp32: atomically into one fp32
+buffer (default) or, with deterministic=True, into one buffer per program (each program owns a fixed
+contiguous range of row blocks), summed afterwards by torch in a fixed order.
+
+Kernels are wrapped lazily: on CUDA tensors they are compiled by Triton, on CPU tensors they run in the
+Triton interpreter (`TRITON_INTERPRET` only has to be set by callers that want to force the interpreter;
+this module never depends on when triton was first imported). Float64 (and CPU without the interpreter)
+dispatches to the same folded math written in PyTorch (`_torch_forward` / `_torch_backward`): that is the
+path `torch.autograd.gradcheck` exercises.
+
+Public entry points: `gated_loreft_triton` (linear gate) and `gated_loreft_logit_triton` (MLP gate), both
+differentiable custom ops (`torch.library.custom_op`) that trace under `torch.compile` without graph breaks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from grun_fast.errors import GRUNError
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RANK = 128
+# Deterministic backward keeps one fp32 partial per program; cap their total size.
+DETERMINISTIC_WORKSPACE_BYTES = 256 * 2**20
+# Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128}.
+CONFIG_OVERRIDES: dict[str, int] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels (plain functions; wrapped by `_kernel` for the interpreter or the compiler on first use)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(
+    h_ptr, out_ptr, gate_ptr,
+    a_ptr, r_ptr, b_ptr, wg_ptr, c_ptr, logit_ptr, rows_ptr,
+    n, d, r,
+    stride_hm, stride_hd, stride_om, stride_od,
+    threshold,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+    GATE_LOGIT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_THRESH: tl.constexpr, INPLACE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    offs_k = tl.arange(0, RP)
+    k_mask = offs_k < r
+    h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
+    o_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
+
+    # pass 1: [p | a] = h @ [A; w_g]^T, fp32 accumulation
+    acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+    a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d
+        h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        h = h.to(tl.float32)
+        at = tl.load(a_ptr + offs_k[None, :] * d + offs_d[:, None], mask=k_mask[None, :] & d_mask[:, None],
+                     other=0.0)
+        acc = tl.dot(h, at, acc, input_precision=PREC)
+        if not GATE_LOGIT:
+            wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
+            a_acc += tl.sum(h * wg[None, :], axis=1)
+
+    if GATE_LOGIT:
+        logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
+    else:
+        logit = a_acc + tl.load(c_ptr)
+    s = tl.sigmoid(logit)
+    tl.store(gate_ptr + offs_m, s, mask=m_mask)
+
+    edit = m_mask
+    if HAS_ROWS:
+        edit = edit & (tl.load(rows_ptr + offs_m, mask=m_mask, other=0) != 0)
+    if HAS_THRESH:
+        edit = edit & (s >= threshold)
+    b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
+    sp = tl.where(edit[:, None], (acc + b[None, :]) * s[:, None], 0.0)
+
+    # pass 2: out = h + (s p) @ R on edited rows, h bit-exact elsewhere
+    if INPLACE:
+        n_edit = tl.sum(edit.to(tl.int32), axis=0)
+    else:
+        n_edit = 1
+    if n_edit > 0:
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            ld_mask = m_mask[:, None] & d_mask[None, :]
+            h_raw = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0)
+            rt = tl.load(r_ptr + offs_k[:, None] * d + offs_d[None, :], mask=k_mask[:, None] & d_mask[None, :],
+                         other=0.0)
+            upd = tl.dot(sp, rt, input_precision=PREC)
+            new = (h_raw.to(tl.float32) + upd).to(h_raw.dtype)
+            res = tl.where(edit[:, None], new, h_raw)
+            if INPLACE:
+                st_mask = edit[:, None] & d_mask[None, :]
+            else:
+                st_mask = ld_mask
+            tl.store(o_rows + offs_d[None, :] * stride_od, res, mask=st_mask)
+
+
+def _bwd_kernel(
+    h_ptr, y_ptr, dgate_ptr, dh_ptr, dlogit_ptr,
+    a_ptr, r_ptr, b_ptr, wg_ptr, c_ptr, logit_ptr, rows_ptr,
+    ws_ptr, wsv_ptr,
+    n, d, r, n_blocks, n_progs,
+    stride_hm, stride_hd, stride_ym, stride_yd, stride_dm, stride_dd,
+    threshold,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+    GATE_LOGIT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_THRESH: tl.constexpr, HAS_DGATE: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # contiguous range of row blocks owned by this program (never empty: n_progs <= n_blocks)
+    blk_start = (pid * n_blocks) // n_progs
+    blk_end = ((pid + 1) * n_blocks) // n_progs
+    offs_k = tl.arange(0, RP)
+    k_mask = offs_k < r
+    # workspace layout per program: [dp^T h : RP*d][(s p)^T y : RP*d][da^T h : d], then [db : RP][dc : 1]
+    ws_stride = 2 * RP * d + d
+    if DETERMINISTIC:
+        ws = ws_ptr + pid.to(tl.int64) * ws_stride
+        wsv = wsv_ptr + pid * (RP + 1)
+    else:
+        ws = ws_ptr
+        wsv = wsv_ptr
+    b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
+    db_acc = tl.zeros([RP], dtype=tl.float32)
+    dc_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for blk in range(blk_start, blk_end):
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n
+        offs_m64 = offs_m.to(tl.int64)
+        h_rows = h_ptr + offs_m64[:, None] * stride_hm
+        y_rows = y_ptr + offs_m64[:, None] * stride_ym
+        dh_rows = dh_ptr + offs_m64[:, None] * stride_dm
+
+        # pass 1: p = h A^T, a = h . w_g, q = y R^T
+        acc_p = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+        acc_q = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+        a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            ld_mask = m_mask[:, None] & d_mask[None, :]
+            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0).to(tl.float32)
+            y = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0).to(tl.float32)
+            wt_mask = k_mask[None, :] & d_mask[:, None]
+            at = tl.load(a_ptr + offs_k[None, :] * d + offs_d[:, None], mask=wt_mask, other=0.0)
+            rt = tl.load(r_ptr + offs_k[None, :] * d + offs_d[:, None], mask=wt_mask, other=0.0)
+            acc_p = tl.dot(h, at, acc_p, input_precision=PREC)
+            acc_q = tl.dot(y, rt, acc_q, input_precision=PREC)
+            if not GATE_LOGIT:
+                wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
+                a_acc += tl.sum(h * wg[None, :], axis=1)
+
+        if GATE_LOGIT:
+            logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
+        else:
+            logit = a_acc + tl.load(c_ptr)
+        s = tl.sigmoid(logit)
+        edit = m_mask
+        if HAS_ROWS:
+            edit = edit & (tl.load(rows_ptr + offs_m, mask=m_mask, other=0) != 0)
+        if HAS_THRESH:
+            edit = edit & (s >= threshold)
+        p = acc_p + b[None, :]
+        ds = tl.where(edit, tl.sum(acc_q * p, axis=1), 0.0)
+        if HAS_DGATE:
+            ds += tl.load(dgate_ptr + offs_m, mask=m_mask, other=0.0)
+        da = tl.where(m_mask, ds * s * (1.0 - s), 0.0)
+        dp = tl.where(edit[:, None], acc_q * s[:, None], 0.0)
+        sp = tl.where(edit[:, None], p * s[:, None], 0.0)
+        if GATE_LOGIT:
+            tl.store(dlogit_ptr + offs_m, da, mask=m_mask)
+        db_acc += tl.sum(dp, axis=0)
+        dc_acc += da
+        # "not the first block of this program" as a tensor (a bare scalar mask trips the interpreter)
+        not_first = (offs_k * 0 + blk) != blk_start
+        dp_t = tl.trans(dp)
+        sp_t = tl.trans(sp)
+
+        # pass 2: dh = y + dp A + da w_g;  partials dp^T h, (s p)^T y, da^T h
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            ld_mask = m_mask[:, None] & d_mask[None, :]
+            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0).to(tl.float32)
+            y_raw = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0)
+            y = y_raw.to(tl.float32)
+            w_mask = k_mask[:, None] & d_mask[None, :]
+            a_t = tl.load(a_ptr + offs_k[:, None] * d + offs_d[None, :], mask=w_mask, other=0.0)
+            dh = y + tl.dot(dp, a_t, input_precision=PREC)
+            g1 = tl.dot(dp_t, h, input_precision=PREC)
+            g2 = tl.dot(sp_t, y, input_precision=PREC)
+            w_offs = offs_k[:, None] * d + offs_d[None, :]
+            if not GATE_LOGIT:
+                wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
+                dh += da[:, None] * wg[None, :]
+                gw = tl.sum(da[:, None] * h, axis=0)
+            tl.store(dh_rows + offs_d[None, :] * stride_dd, dh.to(dh_ptr.dtype.element_ty), mask=ld_mask)
+            if DETERMINISTIC:
+                keep = w_mask & not_first[:, None]
+                g1 += tl.load(ws + w_offs, mask=keep, other=0.0)
+                g2 += tl.load(ws + RP * d + w_offs, mask=keep, other=0.0)
+                tl.store(ws + w_offs, g1, mask=w_mask)
+                tl.store(ws + RP * d + w_offs, g2, mask=w_mask)
+                if not GATE_LOGIT:
+                    gw_keep = d_mask & ((offs_d * 0 + blk) != blk_start)
+                    gw += tl.load(ws + 2 * RP * d + offs_d, mask=gw_keep, other=0.0)
+                    tl.store(ws + 2 * RP * d + offs_d, gw, mask=d_mask)
+            else:
+                tl.atomic_add(ws + w_offs, g1, mask=w_mask, sem="relaxed")
+                tl.atomic_add(ws + RP * d + w_offs, g2, mask=w_mask, sem="relaxed")
+                if not GATE_LOGIT:
+                    tl.atomic_add(ws + 2 * RP * d + offs_d, gw, mask=d_mask, sem="relaxed")
+
+    dc_tot = tl.sum(dc_acc, axis=0)
+    if DETERMINISTIC:
+        tl.store(wsv + offs_k, db_acc, mask=k_mask)
+        tl.store(wsv + RP, dc_tot)
+    else:
+        tl.atomic_add(wsv + offs_k, db_acc, mask=k_mask, sem="relaxed")
+        tl.atomic_add(wsv + RP, dc_tot, sem="relaxed")
+
+
+_KERNEL_FNS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
+_KERNEL_CACHE: dict[tuple[str, bool], object] = {}
+
+
+def _kernel(name: str, interpret: bool):
+    """The kernel `name` compiled for CUDA or wrapped for the Triton interpreter (cached)."""
+    key = (name, interpret)
+    if key not in _KERNEL_CACHE:
+        fn = _KERNEL_FNS[name]
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNEL_CACHE[key] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _KERNEL_CACHE[key] = JITFunction(fn)
+    return _KERNEL_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return not t.is_cuda
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+def _rank_pad(r: int) -> int:
+    # tl.dot needs every dimension >= 16
+    return _pow2_at_least(r, 16)
+
+
+def _precision(h: torch.Tensor) -> str:
+    """fp32 inputs: 3xTF32 (about fp32 accuracy on tensor cores); 16-bit inputs: TF32 (h is exact in TF32,
+    the weights round to 10 mantissa bits, far below the 16-bit output rounding); the interpreter computes
+    in fp32 whatever is asked."""
+    if not h.is_cuda:
+        return "ieee"
+    if torch.cuda.get_device_capability(h.device)[0] < 8:
+        return "ieee"
+    return "tf32x3" if h.dtype == torch.float32 else "tf32"
+
+
+def _fwd_config(n: int, d: int) -> tuple[int, int, int]:
+    block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16 if n <= 4096 else 32)
+    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(128, _pow2_at_least(d, 16)))
+    warps = CONFIG_OVERRIDES.get("fwd_warps", 4)
+    return block_m, block_d, warps
+
+
+def _bwd_config(n: int, d: int) -> tuple[int, int, int]:
+    block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16 if n <= 4096 else 32)
+    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(64, _pow2_at_least(d, 16)))
+    warps = CONFIG_OVERRIDES.get("bwd_warps", 4)
+    return block_m, block_d, warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # interpreter: a few programs, so the multi-block-per-program path is exercised
+
+
+def _flat_rows(h: torch.Tensor) -> torch.Tensor:
+    """h as a 2-D [n, d] tensor: a view when the leading dims flatten to one stride, else a copy."""
+    return h.reshape(-1, h.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Raw launchers (no autograd): 2-D inputs, fp32 contiguous parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+def forward_2d(
+    h: torch.Tensor,
+    a_mat: torch.Tensor,
+    rot: torch.Tensor,
+    b: torch.Tensor,
+    wg: Optional[torch.Tensor],
+    c: Optional[torch.Tensor],
+    logit: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    threshold: Optional[float],
+    out: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on h [n, d]; `a_mat` = W - R and `rot` = R as fp32 [r, d] contiguous.
+
+    Exactly one of (wg, c) and `logit` [n] fp32 is given. `out`/`gate` may be preallocated (every element is
+    written); `inplace=True` writes only the edited rows of `out` (pass out=h to edit h in place).
+    """
+    n, d = h.shape
+    r = rot.shape[0]
+    if inplace and out is None:
+        raise GRUNError("inplace=True needs `out` (usually h itself)")
+    if out is None:
+        out = torch.empty((n, d), dtype=h.dtype, device=h.device)
+    if gate is None:
+        gate = torch.empty((n,), dtype=torch.float32, device=h.device)
+    if n == 0:
+        return out, gate
+    block_m, block_d, warps = _fwd_config(n, d)
+    gate_logit = logit is not None
+    dummy = a_mat
+    kernel = _kernel("fwd", _interpreting(h))
+    grid = (triton.cdiv(n, block_m),)
+    kernel[grid](
+        h, out, gate,
+        a_mat, rot, b, dummy if gate_logit else wg, dummy if gate_logit else c,
+        logit if gate_logit else dummy, rows if rows is not None else dummy,
+        n, d, r,
+        h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+        float(threshold) if threshold is not None else 0.0,
+        BLOCK_M=block_m, BLOCK_D=block_d, RP=_rank_pad(r),
+        GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
+        PREC=_precision(h), num_warps=warps,
+    )
+    return out, gate
+
+
+def backward_2d(
+    h: torch.Tensor,
+    dout: torch.Tensor,
+    dgate: Optional[torch.Tensor],
+    a_mat: torch.Tensor,
+    rot: torch.Tensor,
+    b: torch.Tensor,
+    wg: Optional[torch.Tensor],
+    c: Optional[torch.Tensor],
+    logit: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    threshold: Optional[float],
+    deterministic: bool = False,
+    dh: Optional[torch.Tensor] = None,
+) -> dict[str, torch.Tensor]:
+    """Launch the backward kernel; returns fp32 gradients {dh (h.dtype), dA (= dW), dR, db, dwg, dc, dlogit}.
+
+    dA is d/dA of (W - R): dW = dA and dR = dR_direct - dA. `dgate` [n] is the gradient of the gate output.
+    """
+    n, d = h.shape
+    r = rot.shape[0]
+    rp = _rank_pad(r)
+    dev = h.device
+    if dh is None:
+        dh = torch.empty((n, d), dtype=h.dtype, device=dev)
+    gate_logit = logit is not None
+    dlogit = torch.empty((n,), dtype=torch.float32, device=dev) if gate_logit else None
+    if n == 0:
+        zeros = torch.zeros(2 * rp * d + d + rp + 1, dtype=torch.float32, device=dev)
+        ws, wsv = zeros[: 2 * rp * d + d].view(1, -1), zeros[2 * rp * d + d:].view(1, -1)
+    else:
+        block_m, block_d, warps = _bwd_config(n, d)
+        n_blocks = triton.cdiv(n, block_m)
+        per_prog = (2 * rp * d + d + rp + 1) * 4
+        if deterministic:
+            n_progs = max(1, min(n_blocks, 2 * _num_sms(dev), DETERMINISTIC_WORKSPACE_BYTES // per_prog))
+            ws = torch.empty((n_progs, 2 * rp * d + d), dtype=torch.float32, device=dev)
+            wsv = torch.empty((n_progs, rp + 1), dtype=torch.float32, device=dev)
+        else:
+            n_progs = n_blocks
+            ws = torch.zeros((1, 2 * rp * d + d), dtype=torch.float32, device=dev)
+            wsv = torch.zeros((1, rp + 1), dtype=torch.float32, device=dev)
+        dummy = a_mat
+        kernel = _kernel("bwd", _interpreting(h))
+        kernel[(n_progs,)](
+            h, dout, dgate if dgate is not None else dummy, dh, dlogit if gate_logit else dummy,
+            a_mat, rot, b, dummy if gate_logit else wg, dummy if gate_logit else c,
+            logit if gate_logit else dummy, rows if rows is not None else dummy,
+            ws, wsv,
+            n, d, r, n_blocks, n_progs,
+            h.stride(0), h.stride(1), dout.stride(0), dout.stride(1), dh.stride(0), dh.stride(1),
+            float(threshold) if threshold is not None else 0.0,
+            BLOCK_M=block_m, BLOCK_D=block_d, RP=rp,
+            GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None,
+            HAS_DGATE=dgate is not None, DETERMINISTIC=deterministic,
+            PREC=_precision(h), num_warps=warps,
+        )
+    ws_sum = ws.sum(0) if ws.shape[0] > 1 else ws[0]
+    wsv_sum = wsv.sum(0) if wsv.shape[0] > 1 else wsv[0]
+    d_a = ws_sum[: rp * d].view(rp, d)[:r]
+    d_rot = ws_sum[rp * d: 2 * rp * d].view(rp, d)[:r] - d_a
+    # clones: the results are views of one workspace and must not alias each other (custom-op rule)
+    return {
+        "dh": dh,
+        "dA": d_a.clone(),
+        "dR": d_rot,
+        "db": wsv_sum[:r].clone(),
+        "dwg": None if gate_logit else ws_sum[2 * rp * d:].clone(),
+        "dc": wsv_sum[rp].clone(),
+        "dlogit": dlogit,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same folded math in PyTorch (float64, and CPU without the interpreter); gradcheck runs through it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _edit_mask(gate: torch.Tensor, rows: Optional[torch.Tensor], threshold: Optional[float]) -> torch.Tensor:
+    keep = torch.ones_like(gate, dtype=torch.bool) if rows is None else rows.to(torch.bool)
+    if threshold is not None:
+        keep = keep & (gate >= threshold)
+    return keep
+
+
+def _torch_forward(h, a_mat, rot, b, wg, c, logit, rows, threshold):
+    ct = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hc = h.to(ct)
+    p = hc @ a_mat.to(ct).T + b.to(ct)
+    a = logit.to(ct) if logit is not None else hc @ wg.to(ct) + c.to(ct).reshape(())
+    s = torch.sigmoid(a)
+    keep = _edit_mask(s, rows, threshold)
+    new = (hc + (s[:, None] * p) @ rot.to(ct)).to(h.dtype)
+    out = torch.where(keep[:, None], new, h)
+    return out, s.to(torch.float32 if h.dtype != torch.float64 else torch.float64)
+
+
+def _torch_backward(h, dout, dgate, a_mat, rot, b, wg, c, logit, rows, threshold):
+    ct = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hc, y = h.to(ct), dout.to(ct)
+    A, R = a_mat.to(ct), rot.to(ct)
+    p = hc @ A.T + b.to(ct)
+    a = logit.to(ct) if logit is not None else hc @ wg.to(ct) + c.to(ct).reshape(())
+    s = torch.sigmoid(a)
+    keep = _edit_mask(s, rows, threshold).to(ct)
+    q = y @ R.T
+    ds = (q * p).sum(-1) * keep
+    if dgate is not None:
+        ds = ds + dgate.to(ct)
+    da = ds * s * (1 - s)
+    dp = q * (s * keep)[:, None]
+    sp = p * (s * keep)[:, None]
+    dh = y + dp @ A
+    if logit is None:
+        dh = dh + da[:, None] * wg.to(ct)
+    d_a = dp.T @ hc
+    return {
+        "dh": dh.to(h.dtype),
+        "dA": d_a,
+        "dR": sp.T @ y - d_a,
+        "db": dp.sum(0),
+        "dwg": da @ hc if logit is None else None,
+        "dc": da.sum(),
+        "dlogit": da if logit is not None else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatch and custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _use_kernel(h: torch.Tensor) -> bool:
+    if h.dtype not in KERNEL_DTYPES:
+        return False
+    return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prep(h, rotation, weight, bias, rows, extra_rows):
+    """Flatten h to [n, d] and fold the parameters to fp32 (f64 for f64 inputs) contiguous."""
+    pt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    h2 = _flat_rows(h)
+    rot = rotation.to(pt).contiguous()
+    a_mat = (weight.to(pt) - rotation.to(pt)).contiguous()
+    b = bias.to(pt).reshape(-1).contiguous()
+    rows2 = None if rows is None else rows.reshape(-1).to(torch.int8).contiguous()
+    extra = [None if t is None else t.to(pt).reshape(-1).contiguous() for t in extra_rows]
+    return h2, a_mat, rot, b, rows2, extra
+
+
+def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
+    h2, a_mat, rot, b, rows2, (wg2, c2, logit2) = _prep(h, rotation, weight, bias, rows, (wg, c, logit))
+    if _use_kernel(h):
+        out, gate = forward_2d(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+    else:
+        out, gate = _torch_forward(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+    return out.reshape(h.shape), gate.reshape(h.shape[:-1])
+
+
+def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, threshold, deterministic):
+    h2, a_mat, rot, b, rows2, (wg2, c2, logit2) = _prep(h, rotation, weight, bias, rows, (wg, c, logit))
+    y2 = _flat_rows(dout)
+    g2 = None if dgate is None else dgate.reshape(-1).to(torch.float64 if h.dtype == torch.float64
+                                                         else torch.float32).contiguous()
+    if _use_kernel(h):
+        g = backward_2d(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold, deterministic)
+    else:
+        g = _torch_backward(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+    return (
+        g["dh"].reshape(h.shape),
+        g["dR"].to(rotation.dtype),
+        g["dA"].to(weight.dtype),
+        g["db"].to(bias.dtype).reshape(bias.shape),
+        g,
+    )
+
+
+@torch.library.custom_op("grun_fast::gated_loreft_fwd", mutates_args=())
+def _op_fwd(
+    h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    gate_weight: torch.Tensor, gate_bias: torch.Tensor, rows: Optional[torch.Tensor],
+    gate_threshold: Optional[float], deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(h, rotation, weight, bias, gate_weight, gate_bias, None, rows, gate_threshold)
+
+
+@torch.library.custom_op("grun_fast::gated_loreft_bwd", mutates_args=())
+def _op_bwd(
+    dout: torch.Tensor, dgate: Optional[torch.Tensor], h: torch.Tensor, rotation: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, d_rot, d_w, d_b, g = _bwd_impl(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, None,
+                                       rows, gate_threshold, deterministic)
+    d_wg = g["dwg"].to(gate_weight.dtype).reshape(gate_weight.shape)
+    d_c = g["dc"].to(gate_bias.dtype).reshape(gate_bias.shape)
+    return dh, d_rot, d_w, d_b, d_wg, d_c
+
+
+@torch.library.custom_op("grun_fast::gated_loreft_logit_fwd", mutates_args=())
+def _op_logit_fwd(
+    h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate_logit: torch.Tensor,
+    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(h, rotation, weight, bias, None, None, gate_logit, rows, gate_threshold)
+
+
+@torch.library.custom_op("grun_fast::gated_loreft_logit_bwd", mutates_args=())
+def _op_logit_bwd(
+    dout: torch.Tensor, dgate: Optional[torch.Tensor], h: torch.Tensor, rotation: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, gate_logit: torch.Tensor,
+    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, d_rot, d_w, d_b, g = _bwd_impl(dout, dgate, h, rotation, weight, bias, None, None, gate_logit, rows,
+                                       gate_threshold, deterministic)
+    d_logit = g["dlogit"].to(gate_logit.dtype).reshape(gate_logit.shape)
+    return dh, d_rot, d_w, d_b, d_logit
+
+
+def _gate_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+@_op_fwd.register_fake
+def _(h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, deterministic):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1],
+                                                                                   dtype=_gate_dtype(h))
+
+
+@_op_logit_fwd.register_fake
+def _(h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1],
+                                                                                   dtype=_gate_dtype(h))
+
+
+@_op_bwd.register_fake
+def _(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, deterministic):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(rotation),
+            torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gate_weight),
+            torch.empty_like(gate_bias))
+
+
+@_op_logit_bwd.register_fake
+def _(dout, dgate, h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(rotation),
+            torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gate_logit))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, rows, threshold, deterministic = inputs
+    ctx.save_for_backward(*tensors, rows)
+    ctx.threshold = threshold
+    ctx.deterministic = deterministic
+
+
+def _backward_linear(ctx, dout, dgate):
+    h, rotation, weight, bias, gate_weight, gate_bias, rows = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(h)
+    grads = _op_bwd(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, rows, ctx.threshold,
+                    ctx.deterministic)
+    return (*grads, None, None, None)
+
+
+def _backward_logit(ctx, dout, dgate):
+    h, rotation, weight, bias, gate_logit, rows = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(h)
+    grads = _op_logit_bwd(dout, dgate, h, rotation, weight, bias, gate_logit, rows, ctx.threshold,
+                          ctx.deterministic)
+    return (*grads, None, None, None)
+
+
+_op_fwd.register_autograd(_backward_linear, setup_context=_setup_context)
+_op_logit_fwd.register_autograd(_backward_logit, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API (the contract functional.py calls)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check(h, rotation, weight, bias, rows, gate_threshold):
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise GRUNError(f"h must be [..., d] with d > 0, got shape {tuple(h.shape)}")
+    if not (h.is_floating_point()):
+        raise GRUNError(f"h must be a floating tensor, got {h.dtype}")
+    d = h.shape[-1]
+    if rotation.dim() != 2 or rotation.shape[1] != d:
+        raise GRUNError(f"rotation must be [r, {d}], got {tuple(rotation.shape)}")
+    r = rotation.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise GRUNError(f"rank r must be in 1..{MAX_RANK}, got {r}")
+    if tuple(weight.shape) != (r, d):
+        raise GRUNError(f"weight must be [{r}, {d}] like rotation, got {tuple(weight.shape)}")
+    if bias.numel() != r:
+        raise GRUNError(f"bias must have {r} elements, got shape {tuple(bias.shape)}")
+    if rows is not None and tuple(rows.shape) != tuple(h.shape[:-1]):
+        raise GRUNError(f"rows must have shape {tuple(h.shape[:-1])} (h without its last dim), got "
+                        f"{tuple(rows.shape)}")
+    if rows is not None and rows.dtype != torch.bool:
+        raise GRUNError(f"rows must be a bool mask, got {rows.dtype}")
+    if gate_threshold is not None and not 0.0 <= float(gate_threshold) <= 1.0:
+        raise GRUNError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
+    for name, t in (("rotation", rotation), ("weight", weight), ("bias", bias)):
+        if t.device != h.device:
+            raise GRUNError(f"{name} is on {t.device} but h is on {h.device}")
+
+
+def gated_loreft_triton(
+    h: torch.Tensor,
+    rotation: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    gate_threshold: Optional[float] = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated LoReFT with a linear gate through the fused kernels; returns (out [..., d] in h.dtype, gate fp32).
+
+    Differentiable in h, rotation, weight, bias, gate_weight, gate_bias (the gate output's gradient flows
+    too). `deterministic=True` makes the weight gradients bitwise reproducible.
+    """
+    _check(h, rotation, weight, bias, rows, gate_threshold)
+    d = h.shape[-1]
+    if gate_weight.numel() != d:
+        raise GRUNError(f"gate_weight must have {d} elements, got shape {tuple(gate_weight.shape)}")
+    if gate_bias.numel() != 1:
+        raise GRUNError(f"gate_bias must be a scalar ([] or [1]), got shape {tuple(gate_bias.shape)}")
+    return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows,
+                   None if gate_threshold is None else float(gate_threshold), bool(deterministic))
+
+
+def gated_loreft_logit_triton(
+    h: torch.Tensor,
+    rotation: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate_logit: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    gate_threshold: Optional[float] = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated LoReFT whose gate logit [...] comes from the caller (the MLP gate); differentiable in it."""
+    _check(h, rotation, weight, bias, rows, gate_threshold)
+    if tuple(gate_logit.shape) != tuple(h.shape[:-1]):
+        raise GRUNError(f"gate_logit must have shape {tuple(h.shape[:-1])}, got {tuple(gate_logit.shape)}")
+    return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows,
+                         None if gate_threshold is None else float(gate_threshold), bool(deterministic))
