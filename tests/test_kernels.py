@@ -1,0 +1,252 @@
+"""The fused Triton kernels (kernels/gated_loreft.py) against a float64 reference written here.
+
+The kernels run in the Triton interpreter on CPU. `grun_fast.kernels.gated_loreft` wraps its kernels lazily
+(interpreter for CPU tensors, compiler for CUDA tensors), so nothing depends on when triton was first
+imported; TRITON_INTERPRET=1 is set only while this module's tests run (it tells the public entry points
+to take the kernel path for CPU tensors) and restored afterwards, so other test modules are unaffected.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grun_fast.errors import GRUNError
+from grun_fast.kernels import gated_loreft as K
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+NAMES = ("h", "rotation", "weight", "bias", "gate_weight", "gate_bias")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    yield
+    mp.undo()
+
+
+# ---- float64 reference: the four products of GRUN.md section 2, literally --------------------------------
+
+
+def ref_out(h, R, W, b, logit, rows, threshold):
+    s = torch.sigmoid(logit)
+    edited = h + s.unsqueeze(-1) * ((h @ W.T + b - h @ R.T) @ R)
+    keep = torch.ones_like(s, dtype=torch.bool) if rows is None else rows
+    if threshold is not None:
+        keep = keep & (s >= threshold)
+    return torch.where(keep.unsqueeze(-1), edited, h), s
+
+
+def ref_grads(tensors, logit_fn, rows, threshold, dout, dgate):
+    """Outputs and gradients of sum(out * dout) + sum(gate * dgate) in float64 through autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    out, s = ref_out(*leaves[:4], logit_fn(leaves), rows, threshold)
+    ((out * dout.double()).sum() + (s * dgate.double()).sum()).backward()
+    return out.detach(), s.detach(), [t.grad for t in leaves]
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(shape, d, r, dtype, param_dtype=torch.float32, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    h = torch.randn(*shape, d, generator=g).to(dtype)
+    R = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64, generator=g))[0].T.contiguous()
+    W = torch.randn(r, d, generator=g) / d**0.5 + R.float()
+    b = torch.randn(r, generator=g)
+    wg = 3 * torch.randn(d, generator=g) / d**0.5
+    c = torch.randn((), generator=g) * 0.5
+    return h, R.to(param_dtype), W.to(param_dtype), b.to(param_dtype), wg.to(param_dtype), c.to(param_dtype)
+
+
+def safe_threshold(gate: torch.Tensor) -> float:
+    """A threshold halfway between two well-separated gate values (no row sits on the boundary)."""
+    g = gate.flatten().sort().values
+    gaps = g[1:] - g[:-1]
+    mid = len(g) // 2
+    i = mid + int(gaps[mid - len(g) // 4: mid + len(g) // 4].argmax()) - len(g) // 4
+    return float((g[i] + g[i + 1]) / 2)
+
+
+# ---- linear gate -----------------------------------------------------------------------------------------
+
+CASES = [
+    # (leading shape, d, r, dtype, rows mask?, threshold?, deterministic, non-contiguous h)
+    ((37,), 123, 4, torch.float32, True, False, False, False),
+    ((4, 16), 160, 7, torch.float32, False, True, True, True),
+    ((1,), 96, 1, torch.float32, False, False, False, False),
+    ((33,), 80, 4, torch.bfloat16, True, True, False, False),
+    ((2, 9), 48, 4, torch.float16, True, False, True, False),
+]
+
+
+@pytest.mark.parametrize("shape,d,r,dtype,use_rows,use_thresh,det,noncontig", CASES)
+def test_linear_gate_matches_float64(shape, d, r, dtype, use_rows, use_thresh, det, noncontig):
+    h, R, W, b, wg, c = make(shape, d, r, dtype)
+    if noncontig:  # same values in padded rows: the kernel must honour the row stride (a view, no copy)
+        h = torch.cat([h, torch.full_like(h[..., :5], float("nan"))], -1)[..., :d]
+        assert not h.is_contiguous() and h.reshape(-1, d).stride(0) == d + 5
+    rows = (torch.rand(shape) < 0.7) if use_rows else None
+    if rows is not None:
+        rows.view(-1)[0] = False
+    gate64 = torch.sigmoid(h.double() @ wg.double() + c.double())
+    threshold = safe_threshold(gate64) if use_thresh else None
+    dout = torch.randn(*shape, d).to(dtype)
+    dgate = torch.randn(shape)
+
+    leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
+    out, gate = K.gated_loreft_triton(*leaves, rows=rows, gate_threshold=threshold, deterministic=det)
+    assert out.dtype == dtype and out.shape == h.shape
+    assert gate.dtype == torch.float32 and gate.shape == shape
+    ((out.float() * dout.float()).sum() + (gate * dgate).sum()).backward()
+
+    r_out, r_gate, r_grads = ref_grads(
+        (h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], rows, threshold, dout, dgate
+    )
+    tol = TOL[dtype]
+    assert rel(out, r_out) < tol
+    assert rel(gate, r_gate) < tol
+    for name, leaf, want in zip(NAMES, leaves, r_grads):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+        assert leaf.grad.shape == leaf.shape, name
+        assert rel(leaf.grad, want) < tol, (name, rel(leaf.grad, want))
+
+    keep = torch.ones(shape, dtype=torch.bool) if rows is None else rows.clone()
+    if threshold is not None:
+        keep &= r_gate >= threshold
+        assert 0 < int(keep.sum()) < keep.numel()
+    assert (~keep).any()
+    assert torch.equal(out[~keep], h[~keep])  # bit-identical unedited rows
+    assert not torch.equal(out[keep], h[keep])
+
+
+# ---- MLP gate: logit given by the caller ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [1, 4, 7])
+def test_logit_gate_matches_float64(r):
+    shape, d = (2, 11), 72
+    h, R, W, b, _, _ = make(shape, d, r, torch.float32)
+    logit = torch.randn(shape) * 2
+    rows = torch.rand(shape) < 0.6
+    dout, dgate = torch.randn(*shape, d), torch.randn(shape)
+    leaves = [t.clone().requires_grad_() for t in (h, R, W, b, logit)]
+    out, gate = K.gated_loreft_logit_triton(*leaves, rows=rows, deterministic=(r == 4))
+    ((out * dout).sum() + (gate * dgate).sum()).backward()
+    r_out, r_gate, r_grads = ref_grads((h, R, W, b, logit), lambda t: t[4], rows, None, dout, dgate)
+    assert rel(out, r_out) < 1e-5 and rel(gate, r_gate) < 1e-5
+    for name, leaf, want in zip(("h", "rotation", "weight", "bias", "gate_logit"), leaves, r_grads):
+        assert rel(leaf.grad, want) < 1e-5, (name, rel(leaf.grad, want))
+    assert torch.equal(out[~rows], h[~rows])
+
+
+# ---- raw launchers: poisoned buffers, in place, determinism ----------------------------------------------
+
+
+def _folded(R, W, b, wg, c):
+    return (W - R).contiguous(), R.contiguous(), b, wg, c.reshape(1)
+
+
+def test_poisoned_buffers_are_fully_overwritten():
+    n, d, r = 45, 100, 4
+    (h, R, W, b, wg, c) = make((n,), d, r, torch.bfloat16)
+    a_mat, rot, b, wg, c = _folded(R, W, b, wg, c)
+    rows = (torch.rand(n) < 0.5).to(torch.int8)
+    out = torch.full((n, d), float("nan"), dtype=h.dtype)
+    gate = torch.full((n,), float("nan"))
+    K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None, out=out, gate=gate)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(gate).all()
+    want_out, want_gate = K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None)
+    assert torch.equal(out, want_out) and torch.equal(gate, want_gate)
+
+    dout = torch.randn(n, d).to(h.dtype)
+    dh = torch.full((n, d), float("nan"), dtype=h.dtype)
+    for det in (False, True):
+        g = K.backward_2d(h, dout, None, a_mat, rot, b, wg, c, None, rows, None, deterministic=det, dh=dh)
+        assert g["dh"] is dh and torch.isfinite(dh.float()).all()
+        assert all(torch.isfinite(g[k]).all() for k in ("dA", "dR", "db", "dwg", "dc"))
+        dh.fill_(float("nan"))
+
+
+def test_inplace_writes_only_edited_rows():
+    n, d, r = 40, 64, 4
+    h, R, W, b, wg, c = make((n,), d, r, torch.float32)
+    a_mat, rot, b, wg, c = _folded(R, W, b, wg, c)
+    rows = torch.zeros(n, dtype=torch.int8)
+    rows[3] = rows[17] = 1  # rows 32..39 (the last block) have no edit at all
+    want, want_gate = K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None)
+    buf = h.clone()
+    buf[~rows.bool()] = float("nan")  # in place must not touch these
+    out, gate = K.forward_2d(buf, a_mat, rot, b, wg, c, None, rows, None, out=buf, inplace=True)
+    assert out is buf
+    edited = rows.bool()
+    assert torch.equal(buf[edited], want[edited])
+    assert torch.isnan(buf[~edited]).all()
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    shape, d, r = (70,), 96, 4  # 5 row blocks over 2 programs: partials accumulate across blocks
+    h, R, W, b, wg, c = make(shape, d, r, torch.float32)
+    dout, dgate = torch.randn(*shape, d), torch.randn(shape)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
+        out, gate = K.gated_loreft_triton(*leaves, deterministic=True)
+        ((out * dout).sum() + (gate * dgate).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, g1, g2 in zip(NAMES, *grads):
+        assert torch.equal(g1, g2), name
+    _, _, want = ref_grads((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None, dout, dgate)
+    for name, got, w in zip(NAMES, grads[0], want):
+        assert rel(got, w) < 1e-5, name
+
+
+# ---- autograd through the float64 (reference-dispatch) path, torch.compile, errors -----------------------
+
+
+def test_gradcheck_float64():
+    h, R, W, b, wg, c = (t.double().requires_grad_() for t in make((5,), 7, 2, torch.float64))
+    rows = torch.tensor([True, False, True, True, True])
+
+    def f_lin(*t):
+        return K.gated_loreft_triton(*t, rows=rows, gate_threshold=0.01)
+
+    assert torch.autograd.gradcheck(f_lin, (h, R, W, b, wg, c))
+    logit = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: K.gated_loreft_logit_triton(*t, rows=rows), (h, R, W, b, logit))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    h, R, W, b, wg, c = make((12,), 40, 4, torch.float32)
+    rows = torch.rand(12) < 0.5
+    dout = torch.randn(12, 40)
+
+    def step(h, R, W, b, wg, c):
+        out, gate = K.gated_loreft_triton(h, R, W, b, wg, c, rows=rows)
+        return (out * dout).sum() + gate.square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for a, e in zip(*results):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_rejected_before_work():
+    h, R, W, b, wg, c = make((4,), 16, 2, torch.float32)
+    with pytest.raises(GRUNError, match="rotation"):
+        K.gated_loreft_triton(h, R[:, :8], W, b, wg, c)
+    with pytest.raises(GRUNError, match="weight"):
+        K.gated_loreft_triton(h, R, W[:1], b, wg, c)
+    with pytest.raises(GRUNError, match="gate_weight"):
+        K.gated_loreft_triton(h, R, W, b, wg[:3], c)
+    with pytest.raises(GRUNError, match="rows"):
+        K.gated_loreft_triton(h, R, W, b, wg, c, rows=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(GRUNError, match="gate_logit"):
+        K.gated_loreft_logit_triton(h, R, W, b, torch.zeros(3))
