@@ -5,7 +5,7 @@ The PyTorch path uses the folded form of GRUN.md section 2: with A = W - R,
     [p | a] = h @ [A; w_g]^T + [b | c],   s = sigmoid(a),   out = h + (s * p) @ R
 
 one skinny product reads `h`, one `addmm` writes `out`. Products run in the dtype of `h` (accumulating in
-fp32 inside the matmul); the gate and the scaling run in fp32.
+fp32 inside the matmul); the gate and the scaling run in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -42,11 +42,16 @@ def fold(
 ) -> Folded:
     """Fold the parameters once; `gate_weight=None` folds the LoReFT part only (gate computed elsewhere)."""
     rows = [weight - rotation]
-    biases = [bias.float()]
+    biases = [bias]
     if gate_weight is not None:
         rows.append(gate_weight.reshape(1, -1))
-        biases.append(gate_bias.reshape(1).float())
-    return Folded(rotation.to(dtype), torch.cat(rows).to(dtype), torch.cat(biases))
+        biases.append(gate_bias.reshape(1))
+    return Folded(rotation.to(dtype), torch.cat(rows).to(dtype), torch.cat(biases).to(accumulation_dtype(dtype)))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the gate and scaling (fp64 stays fp64, for the float64 oracle checks)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def gated_loreft(
@@ -107,8 +112,9 @@ def gated_loreft_folded(
     shape = h.shape
     h2 = h.reshape(-1, shape[-1])
     rank = folded.rotation.shape[0]
-    pa = F.linear(h2, folded.matrix).float() + folded.bias
-    logit = pa[:, rank] if gate_logit is None else gate_logit.reshape(-1).float()
+    acc = accumulation_dtype(h.dtype)
+    pa = F.linear(h2, folded.matrix).to(acc) + folded.bias
+    logit = pa[:, rank] if gate_logit is None else gate_logit.reshape(-1).to(acc)
     gate = torch.sigmoid(logit)
     scaled = (pa[:, :rank] * gate.unsqueeze(-1)).to(h.dtype)
     out = torch.addmm(h2, scaled, folded.rotation)

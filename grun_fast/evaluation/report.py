@@ -132,20 +132,19 @@ def summary_markdown(run: Mapping[str, Any]) -> str:
     lines += _table(["model", "forget quality (KS p-value)", "model utility"], summary)
     gate_rows = []
     for label, res in models:
+        parts = []
         for name, s in res["splits"].items():
-            for part, gates in [(name, s["gate"])] + ([(f"{name} (paraphrased question)",
-                                                        s["paraphrased_question"]["gate"])]
-                                                      if "paraphrased_question" in s else []):
-                for adapter, layers in gates.items():
-                    gate_rows.append([label, part, adapter] + [f"{k}: {_fmt(v)}" for k, v in layers.items()])
-        for name, mc in (res.get("multiple_choice") or {}).items():
-            for adapter, layers in mc["gate"].items():
-                gate_rows.append([label, name, adapter] + [f"{k}: {_fmt(v)}" for k, v in layers.items()])
+            parts.append((name, s["gate"]))
+            if "paraphrased_question" in s:
+                parts.append((f"{name} (paraphrased question)", s["paraphrased_question"]["gate"]))
+        parts += [(name, mc["gate"]) for name, mc in (res.get("multiple_choice") or {}).items()]
+        gate_rows += [(label, part, adapter, layers) for part, gates in parts for adapter, layers in gates.items()]
     if gate_rows:
-        width = max(len(r) for r in gate_rows) - 3
-        gate_rows = [r + [""] * (width + 3 - len(r)) for r in gate_rows]
-        lines += ["", "## Mean gate per layer (layer: mean gate at the edited token)", ""]
-        lines += _table(["model", "split", "adapter"] + [f"layer {j + 1}" for j in range(width)], gate_rows)
+        layer_keys = sorted({k for *_, layers in gate_rows for k in layers}, key=int)
+        lines += ["", "## Mean gate per layer (at the edited token)", ""]
+        lines += _table(["model", "split", "adapter"] + [f"layer {k}" for k in layer_keys],
+                        [[label, part, adapter] + [layers.get(k) for k in layer_keys]
+                         for label, part, adapter, layers in gate_rows])
     mc_rows = [[label, name, mc["n"], mc["accuracy"], mean_gate(mc["gate"])]
                for label, res in models for name, mc in (res.get("multiple_choice") or {}).items()]
     if mc_rows:
