@@ -193,7 +193,11 @@ def plot_splits(run: Mapping[str, Any], path: str | os.PathLike) -> Path:
         ax.set_xticks(x, splits, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(run.get("meta", {}).get("label", ""))
+    notes = []
+    for label, res in models:
+        fq = next(iter((res.get("forget_quality") or {}).values()), None)
+        notes.append(f"{label}: forget quality {_fmt(fq)}, model utility {_fmt(res.get('model_utility'))}")
+    fig.suptitle(run.get("meta", {}).get("label", "") + "\n" + "; ".join(notes), fontsize=10)
     return _save_figure(fig, path)
 
 
