@@ -1,0 +1,112 @@
+"""The GRUN training objective, term by term (GRUN.md section 4).
+
+    L = forget_scale * L_forget + lambda_r * L_retain + lambda_g * BCE(gates; forget -> 1, retain -> 0)
+
+Every function here is plain tensor math on logits, labels, hidden states and gate values, so each can be
+checked against a value computed by hand. Token means accept a ``num_tokens`` override: the trainer passes
+the token count of the whole global batch so that a run split over several processes optimises exactly
+the loss of the single-process run.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from grun_fast.data.encoding import IGNORE_INDEX
+
+METHODS = ("gd", "npo", "idk", "rmu")
+# lambda_r per method (GRUN.md section 4); lambda_g is 10 for all.
+DEFAULT_LAMBDA_R = {"gd": 2.0, "npo": 1.0, "idk": 1.0, "rmu": 1.0}
+DEFAULT_FORGET_SCALE = {"gd": 1.0, "npo": 100.0, "idk": 1.0, "rmu": 1.0}
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL of the labelled tokens and their count: ([B], [B]).
+
+    ``labels`` are aligned with the input ids (-100 where not scored); token t is predicted by logits at
+    t - 1. Computed in fp32 whatever the model's dtype.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    mask = shift_labels != IGNORE_INDEX
+    return (nll * mask).sum(-1), mask.sum(-1)
+
+
+def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor,
+                   num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """NLL averaged over all labelled tokens of the batch (or divided by ``num_tokens`` when given)."""
+    total, count = answer_nll(logits, labels)
+    denom = count.sum() if num_tokens is None else num_tokens
+    return total.sum() / torch.clamp(torch.as_tensor(denom, dtype=total.dtype, device=total.device), min=1)
+
+
+def gd_forget_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Gradient ascent on the forget answers: minus their token-mean NLL."""
+    return -token_mean_nll(logits, labels, num_tokens)
+
+
+def idk_forget_loss(logits: torch.Tensor, refusal_labels: torch.Tensor,
+                    num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """NLL of a refusal in place of the forget answer (the batch carries the refusal as the answer)."""
+    return token_mean_nll(logits, refusal_labels, num_tokens)
+
+
+def npo_loss(nll_sum: torch.Tensor, ref_nll_sum: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """NPO: -(2/beta) * mean log sigmoid(beta * (S - S_ref)), S = summed answer NLL with the edit, S_ref the
+    same under the frozen reference model. Falls to 0 as S grows past S_ref; its gradient vanishes there
+    (unlike gradient ascent, which never stops)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum.float() - ref_nll_sum.float())).mean()
+
+
+def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked tokens of the mean squared difference over the hidden dimension.
+
+    h [B, T, d]; target [B, T, d] or [d] (broadcast); mask bool [B, T].
+    """
+    diff = (h.float() - target.float()).pow(2).mean(-1)
+    m = mask.to(diff.dtype)
+    return (diff * m).sum() / torch.clamp(m.sum(), min=1)
+
+
+def rmu_control_vector(hidden_size: int, coefficient: float = 300.0, seed: int = 0) -> torch.Tensor:
+    """c * u with u a fixed random unit vector (uniform on [0, 1)^d, normalised, as in RMU)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(hidden_size, generator=g, dtype=torch.float64)
+    return (coefficient * u / u.norm()).float()
+
+
+def rmu_forget_loss(h: torch.Tensor, control: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU forget term: push hidden states of forget tokens towards the control vector c*u."""
+    return masked_mse(h, control, mask)
+
+
+def rmu_retain_loss(h: torch.Tensor, h_base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU retain term: keep hidden states of retain tokens where the frozen model puts them."""
+    return masked_mse(h, h_base.detach(), mask)
+
+
+def gate_bce(forget_gates: Sequence[torch.Tensor], retain_gates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """BCE of every layer's gate values at the edited token(s): forget -> 1, retain -> 0, one mean over all
+    values (each layer and each row weigh the same)."""
+    if not forget_gates and not retain_gates:
+        raise ValueError("gate_bce needs gate values")
+    values, targets = [], []
+    for gates, target in ((forget_gates, 1.0), (retain_gates, 0.0)):
+        for g in gates:
+            g = g.reshape(-1).float()
+            values.append(g)
+            targets.append(torch.full_like(g, target))
+    return F.binary_cross_entropy(torch.cat(values), torch.cat(targets))
+
+
+def total_loss(forget: torch.Tensor, retain: torch.Tensor, gate: torch.Tensor, lambda_r: float,
+               lambda_g: float, forget_scale: float = 1.0) -> torch.Tensor:
+    """The combined objective."""
+    return forget_scale * forget + lambda_r * retain + lambda_g * gate
