@@ -1,0 +1,94 @@
+"""Serving overhead: `generate` on an unpatched model vs the same model patched in last_prompt / all mode.
+
+Random weights are enough for timing. Each configuration runs alternately with the unpatched model in one
+process; overhead = median(patched) / median(unpatched) - 1.
+
+    python -m bench.bench_serving                 # d=512, 8 layers, adapter at [4, 6, 7], batch 1
+    python -m bench.bench_serving --batch 1 8 32 --model 8b   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import transformers
+
+import grun_fast
+from bench.common import append_rows, device_name, quantiles, time_interleaved, today
+
+# Llama shapes (random weights) and the adapter layers used on each: GRUN's 20, 25, 31 of 32 scaled down.
+MODELS = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    "d512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+}
+ADAPTER_LAYERS = {"tiny": [2, 3], "d512": [4, 6, 7], "1b": [10, 12, 15], "8b": [20, 25, 31]}
+
+
+def build(model: str, device: str, dtype: torch.dtype, vocab: int = 32000) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **MODELS[model])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, device: str,
+        dtype: torch.dtype, modes: list[str]) -> list[dict]:
+    model = build(model_name, device, dtype)
+    layers = ADAPTER_LAYERS[model_name]
+    rows = []
+    for batch in batches:
+        ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
+        mask = torch.ones_like(ids)
+
+        def generate():
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+
+        for mode in modes:
+            samples = {"unpatched": [], mode: []}
+            config = grun_fast.GRUNConfig(layers=layers, positions=mode)
+            generate()  # warm-up
+            for _ in range(repeats):  # alternate unpatched / patched; patching itself is not timed
+                samples["unpatched"] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
+                grun_fast.patch(model, config)
+                samples[mode] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
+                grun_fast.unpatch(model)
+            base_median = quantiles(samples["unpatched"])[0]
+            for provider, values in samples.items():
+                median, p20, p80 = quantiles(values)
+                rows.append(dict(op="generate", provider=provider, mode=mode if provider != "unpatched" else "-",
+                                 x=f"prompt{prompt_len}+new{new_tokens}", median=median, p20=p20, p80=p80, unit="s",
+                                 device=device_name(device), date=today(),
+                                 config=f"llama-{model_name} layers={layers} {str(dtype).replace('torch.', '')}",
+                                 batch=batch))
+            overhead = quantiles(samples[mode])[0] / base_median - 1
+            rows.append(dict(op="generate_overhead", provider=mode, mode=mode, x=f"prompt{prompt_len}+new{new_tokens}",
+                             median=overhead, p20="", p80="", unit="fraction", device=device_name(device), date=today(),
+                             config=f"llama-{model_name} layers={layers}", batch=batch))
+            print(f"{model_name} batch {batch:>3} {mode:>11}: unpatched {base_median * 1e3:8.1f} ms, "
+                  f"patched {quantiles(samples[mode])[0] * 1e3:8.1f} ms, overhead {overhead * 100:+.2f} %")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="d512", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--modes", nargs="+", default=["last_prompt", "all"], choices=["last_prompt", "all"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    rows = run(args.model, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.device, dtype, args.modes)
+    if not args.no_csv:
+        print("appended to", append_rows("serving.csv", rows))
+
+
+if __name__ == "__main__":
+    main()
