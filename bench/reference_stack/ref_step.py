@@ -11,8 +11,8 @@ edits block_output of each chosen layer at the last prompt token of each row), l
 -NLL_f + 2 NLL_r + 10 BCE(gates; forget -> 1, retain -> 0), backward, grad clip 1.0, AdamW step.
 
 Modes:
-  ref_step.py --config JSON [--steps N --warmup W]     one measurement, JSON on stdout
-  ref_step.py --config JSON --serve                    read "step N" / "plain N" / "quit" lines on
+  ref_step.py [--config JSON] [--steps N --warmup W]   one measurement, JSON on stdout
+  ref_step.py [--config JSON] --serve                    read "step N" / "plain N" / "quit" lines on
                                                        stdin, answer each with one JSON line
 """
 from __future__ import annotations
@@ -27,13 +27,8 @@ import warnings
 import torch
 from torch import nn
 
-DEFAULT_CONFIG = {
-    "model": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "intermediate_size": 1376, "vocab_size": 32000,
-              "max_position_embeddings": 256},
-    "layers": [4, 6, 7], "rank": 4, "batch": 8, "seq_len": 96, "prompt_len_range": [24, 64],
-    "seed": 0, "lr": 4e-3,
-}
+from common import gd_loss, load_config, make_batches
+
 
 
 def _quiet_imports():
@@ -78,22 +73,6 @@ class GatedLoreftIntervention(pyvene.SourcelessIntervention, pyvene.TrainableInt
         return (base + gate * edit).to(base.dtype)
 
 
-def make_batches(cfg: dict, n_batches: int = 2):
-    """Random token rows of seq_len tokens; labels only on the answer part; edit at prompt_len - 1."""
-    g = torch.Generator().manual_seed(cfg["seed"])
-    vocab, bsz, seq = cfg["model"]["vocab_size"], cfg["batch"], cfg["seq_len"]
-    lo, hi = cfg["prompt_len_range"]
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(0, vocab, (bsz, seq), generator=g)
-        prompt_len = torch.randint(lo, hi + 1, (bsz,), generator=g)
-        labels = ids.clone()
-        labels[torch.arange(seq)[None, :] < prompt_len[:, None]] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-                    "positions": prompt_len - 1})
-    return out
-
-
 def build(cfg: dict):
     torch.manual_seed(cfg["seed"])
     mcfg = transformers.LlamaConfig(**cfg["model"])
@@ -133,9 +112,7 @@ def train_step(reft_model, params, opt, forget, retain, n_layers: int) -> float:
     opt.zero_grad(set_to_none=True)
     nll_f, gate_f = intervened_forward(reft_model, forget, n_layers)
     nll_r, gate_r = intervened_forward(reft_model, retain, n_layers)
-    gates = torch.cat([gate_f, gate_r]).float().clamp(1e-6, 1 - 1e-6)
-    target = torch.cat([torch.ones_like(gate_f), torch.zeros_like(gate_r)]).float()
-    loss = -nll_f + 2.0 * nll_r + 10.0 * nn.functional.binary_cross_entropy(gates, target)
+    loss = gd_loss(nll_f, nll_r, gate_f, gate_r)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -199,8 +176,8 @@ def _dist_version(name: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", type=json.loads, default=DEFAULT_CONFIG,
-                    help="JSON of the shared benchmark config (model, layers, rank, batch, ...)")
+    ap.add_argument("--config", type=json.loads, default=None,
+                    help="JSON of the benchmark config (default: config.json beside this file)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -208,6 +185,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.config is None:
+        args.config = load_config()
     bench = Bench(args.config)
     if not args.serve:
         out = {"env": environment(), "config": args.config,
