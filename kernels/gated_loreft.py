@@ -47,8 +47,13 @@ CONFIG_OVERRIDES: dict[str, int] = {}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels (plain functions; wrapped by `_kernel` for the interpreter or the compiler on first use)
+# Kernels (plain functions; wrapped by `_kernel` for the interpreter or the compiler on first use).
+# They call only Triton builtins (tl.full, not tl.zeros; exp, not tl.sigmoid; tl.reduce with the standard sum
+# combiner, which the interpreter maps to numpy): the jit-decorated helpers of triton.language.standard are
+# compiled-mode objects when triton was imported without TRITON_INTERPRET=1 and cannot be interpreted.
 # ----------------------------------------------------------------------------------------------------------
+
+_sum_combine = tl.standard._sum_combine
 
 
 def _fwd_kernel(
@@ -70,8 +75,8 @@ def _fwd_kernel(
     o_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
 
     # pass 1: [p | a] = h @ [A; w_g]^T, fp32 accumulation
-    acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-    a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, RP], 0.0, tl.float32)
+    a_acc = tl.full([BLOCK_M], 0.0, tl.float32)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d
@@ -82,13 +87,13 @@ def _fwd_kernel(
         acc = tl.dot(h, at, acc, input_precision=PREC)
         if not GATE_LOGIT:
             wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
-            a_acc += tl.sum(h * wg[None, :], axis=1)
+            a_acc += tl.reduce(h * wg[None, :], 1, _sum_combine)
 
     if GATE_LOGIT:
         logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
     else:
         logit = a_acc + tl.load(c_ptr)
-    s = tl.sigmoid(logit)
+    s = 1.0 / (1.0 + tl.exp(-logit))
     tl.store(gate_ptr + offs_m, s, mask=m_mask)
 
     edit = m_mask
@@ -101,7 +106,7 @@ def _fwd_kernel(
 
     # pass 2: out = h + (s p) @ R on edited rows, h bit-exact elsewhere
     if INPLACE:
-        n_edit = tl.sum(edit.to(tl.int32), axis=0)
+        n_edit = tl.reduce(edit.to(tl.int32), 0, _sum_combine)
     else:
         n_edit = 1
     if n_edit > 0:
@@ -148,8 +153,8 @@ def _bwd_kernel(
         ws = ws_ptr
         wsv = wsv_ptr
     b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
-    db_acc = tl.zeros([RP], dtype=tl.float32)
-    dc_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    db_acc = tl.full([RP], 0.0, tl.float32)
+    dc_acc = tl.full([BLOCK_M], 0.0, tl.float32)
 
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,9 +165,9 @@ def _bwd_kernel(
         dh_rows = dh_ptr + offs_m64[:, None] * stride_dm
 
         # pass 1: p = h A^T, a = h . w_g, q = y R^T
-        acc_p = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-        acc_q = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-        a_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_p = tl.full([BLOCK_M, RP], 0.0, tl.float32)
+        acc_q = tl.full([BLOCK_M, RP], 0.0, tl.float32)
+        a_acc = tl.full([BLOCK_M], 0.0, tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
@@ -176,28 +181,29 @@ def _bwd_kernel(
             acc_q = tl.dot(y, rt, acc_q, input_precision=PREC)
             if not GATE_LOGIT:
                 wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
-                a_acc += tl.sum(h * wg[None, :], axis=1)
+                a_acc += tl.reduce(h * wg[None, :], 1, _sum_combine)
 
         if GATE_LOGIT:
             logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
         else:
             logit = a_acc + tl.load(c_ptr)
-        s = tl.sigmoid(logit)
+        s = 1.0 / (1.0 + tl.exp(-logit))
         edit = m_mask
         if HAS_ROWS:
             edit = edit & (tl.load(rows_ptr + offs_m, mask=m_mask, other=0) != 0)
         if HAS_THRESH:
             edit = edit & (s >= threshold)
         p = acc_p + b[None, :]
-        ds = tl.where(edit, tl.sum(acc_q * p, axis=1), 0.0)
+        ds = tl.where(edit, tl.reduce(acc_q * p, 1, _sum_combine), 0.0)
         if HAS_DGATE:
             ds += tl.load(dgate_ptr + offs_m, mask=m_mask, other=0.0)
-        da = tl.where(m_mask, ds * s * (1.0 - s), 0.0)
+        # s (1 - s) with 1 - s = sigmoid(-a) computed directly: no cancellation when s is near 1
+        da = tl.where(m_mask, ds * s * (1.0 / (1.0 + tl.exp(logit))), 0.0)
         dp = tl.where(edit[:, None], acc_q * s[:, None], 0.0)
         sp = tl.where(edit[:, None], p * s[:, None], 0.0)
         if GATE_LOGIT:
             tl.store(dlogit_ptr + offs_m, da, mask=m_mask)
-        db_acc += tl.sum(dp, axis=0)
+        db_acc += tl.reduce(dp, 0, _sum_combine)
         dc_acc += da
         # "not the first block of this program" as a tensor (a bare scalar mask trips the interpreter)
         not_first = (offs_k * 0 + blk) != blk_start
@@ -221,7 +227,7 @@ def _bwd_kernel(
             if not GATE_LOGIT:
                 wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
                 dh += da[:, None] * wg[None, :]
-                gw = tl.sum(da[:, None] * h, axis=0)
+                gw = tl.reduce(da[:, None] * h, 0, _sum_combine)
             tl.store(dh_rows + offs_d[None, :] * stride_dd, dh.to(dh_ptr.dtype.element_ty), mask=ld_mask)
             if DETERMINISTIC:
                 keep = w_mask & not_first[:, None]
@@ -239,7 +245,7 @@ def _bwd_kernel(
                 if not GATE_LOGIT:
                     tl.atomic_add(ws + 2 * RP * d + offs_d, gw, mask=d_mask, sem="relaxed")
 
-    dc_tot = tl.sum(dc_acc, axis=0)
+    dc_tot = tl.reduce(dc_acc, 0, _sum_combine)
     if DETERMINISTIC:
         tl.store(wsv + offs_k, db_acc, mask=k_mask)
         tl.store(wsv + RP, dc_tot)
@@ -484,7 +490,7 @@ def _torch_backward(h, dout, dgate, a_mat, rot, b, wg, c, logit, rows, threshold
     ds = (q * p).sum(-1) * keep
     if dgate is not None:
         ds = ds + dgate.to(ct)
-    da = ds * s * (1 - s)
+    da = ds * s * torch.sigmoid(-a)
     dp = q * (s * keep)[:, None]
     sp = p * (s * keep)[:, None]
     dh = y + dp @ A

@@ -37,12 +37,20 @@ def ref_out(h, R, W, b, logit, rows, threshold):
     return torch.where(keep.unsqueeze(-1), edited, h), s
 
 
-def ref_grads(tensors, logit_fn, rows, threshold, dout, dgate):
-    """Outputs and gradients of sum(out * dout) + sum(gate * dgate) in float64 through autograd."""
-    leaves = [t.detach().double().requires_grad_() for t in tensors]
+def ref_grads(tensors, logit_fn, rows, threshold, dout, dgate, dtype=torch.float64):
+    """Outputs and gradients of sum(out * dout) + sum(gate * dgate) through autograd, in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
     out, s = ref_out(*leaves[:4], logit_fn(leaves), rows, threshold)
-    ((out * dout.double()).sum() + (s * dgate.double()).sum()).backward()
+    ((out * dout.to(dtype)).sum() + (s * dgate.to(dtype)).sum()).backward()
     return out.detach(), s.detach(), [t.grad for t in leaves]
+
+
+def grad_tolerances(tensors, logit_fn, rows, threshold, dout, dgate, want, tol):
+    """Per-gradient tolerance: `tol`, widened to 3x the error of the same reference run in float32 where the
+    data make a gradient ill-conditioned (a sum over rows that cancels, e.g. the gate bias): there even
+    exact fp32 arithmetic cannot reach 1e-5. A wrong kernel is off by far more than either."""
+    _, _, got32 = ref_grads(tensors, logit_fn, rows, threshold, dout, dgate, dtype=torch.float32)
+    return [max(tol, 3 * rel(g, w)) for g, w in zip(got32, want)]
 
 
 def rel(a, b):
@@ -108,18 +116,20 @@ def test_linear_gate_matches_float64(shape, d, r, dtype, use_rows, use_thresh, d
     tol = TOL[dtype]
     assert rel(out, r_out) < tol
     assert rel(gate, r_gate) < tol
-    for name, leaf, want in zip(NAMES, leaves, r_grads):
+    tols = grad_tolerances((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], rows, threshold, dout, dgate,
+                           r_grads, tol)
+    for name, leaf, want, t in zip(NAMES, leaves, r_grads, tols):
         assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
         assert leaf.grad.shape == leaf.shape, name
-        assert rel(leaf.grad, want) < tol, (name, rel(leaf.grad, want))
+        assert rel(leaf.grad, want) < t, (name, rel(leaf.grad, want), t)
 
     keep = torch.ones(shape, dtype=torch.bool) if rows is None else rows.clone()
     if threshold is not None:
         keep &= r_gate >= threshold
         assert 0 < int(keep.sum()) < keep.numel()
-    assert (~keep).any()
     assert torch.equal(out[~keep], h[~keep])  # bit-identical unedited rows
-    assert not torch.equal(out[keep], h[keep])
+    assert (out[keep] != h[keep]).any()
+    assert use_rows == bool((~keep).any()) or use_thresh
 
 
 # ---- MLP gate: logit given by the caller ------------------------------------------------------------------
@@ -137,8 +147,9 @@ def test_logit_gate_matches_float64(r):
     ((out * dout).sum() + (gate * dgate).sum()).backward()
     r_out, r_gate, r_grads = ref_grads((h, R, W, b, logit), lambda t: t[4], rows, None, dout, dgate)
     assert rel(out, r_out) < 1e-5 and rel(gate, r_gate) < 1e-5
-    for name, leaf, want in zip(("h", "rotation", "weight", "bias", "gate_logit"), leaves, r_grads):
-        assert rel(leaf.grad, want) < 1e-5, (name, rel(leaf.grad, want))
+    tols = grad_tolerances((h, R, W, b, logit), lambda t: t[4], rows, None, dout, dgate, r_grads, 1e-5)
+    for name, leaf, want, t in zip(("h", "rotation", "weight", "bias", "gate_logit"), leaves, r_grads, tols):
+        assert rel(leaf.grad, want) < t, (name, rel(leaf.grad, want), t)
     assert torch.equal(out[~rows], h[~rows])
 
 
@@ -198,9 +209,10 @@ def test_deterministic_mode_is_bitwise_reproducible():
         grads.append([t.grad for t in leaves])
     for name, g1, g2 in zip(NAMES, *grads):
         assert torch.equal(g1, g2), name
-    _, _, want = ref_grads((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None, dout, dgate)
-    for name, got, w in zip(NAMES, grads[0], want):
-        assert rel(got, w) < 1e-5, name
+    args = ((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None, dout, dgate)
+    _, _, want = ref_grads(*args)
+    for name, got, w, t in zip(NAMES, grads[0], want, grad_tolerances(*args, want, 1e-5)):
+        assert rel(got, w) < t, name
 
 
 # ---- autograd through the float64 (reference-dispatch) path, torch.compile, errors -----------------------
