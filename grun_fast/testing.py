@@ -52,13 +52,14 @@ def tiny_llama(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads
 def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                     vocab_size: int = 1500, extra_texts: Sequence[str] = (), epochs: int = 60,
                     lr: float = 3e-3, batch_size: int = 10, stop_loss: float = 0.01, seed: int = 0,
-                    template: str = "plain", max_length: int = 128, verbose: bool = False
-                    ) -> tuple[Any, Any]:
+                    template: str = "plain", max_length: int = 128, verbose: bool = False,
+                    tokenizer: Any = None) -> tuple[Any, Any]:
     """Fine-tune a fresh tiny Llama on ``rows`` (answer-only loss) until the mean epoch loss drops below
     ``stop_loss`` or ``epochs`` pass; returns ``(model, tokenizer)`` with the model in eval mode.
 
     The tokenizer is trained on the rows' prompts and answers (plus paraphrases, perturbed answers and
-    ``extra_texts``, so evaluation text tokenises into known merges).
+    ``extra_texts``, so evaluation text tokenises into known merges), unless ``tokenizer`` is given (a
+    retain model compared with a base model should share its tokenizer).
     """
     if not rows:
         raise ValueError("train_tiny_base needs at least one row")
@@ -67,7 +68,8 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
         texts.append(PLAIN_TEMPLATE.format(question=r.get("question", "")) + r["answer"])
         texts += [r[k] for k in ("paraphrased_question", "paraphrased_answer") if k in r]
         texts += list(r.get("perturbed_answer", []))
-    tokenizer = make_tiny_tokenizer(texts, vocab_size)
+    if tokenizer is None:
+        tokenizer = make_tiny_tokenizer(texts, vocab_size)
     model = tiny_llama(tokenizer, hidden_size, num_layers, num_heads, seed=seed)
     examples = encode_rows(tokenizer, rows, template, max_length)
     pad = pad_token_id_of(tokenizer)
