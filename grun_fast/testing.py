@@ -53,7 +53,7 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
                     vocab_size: int = 1500, extra_texts: Sequence[str] = (), epochs: int = 60,
                     lr: float = 3e-3, batch_size: int = 10, stop_loss: float = 0.01, seed: int = 0,
                     template: str = "plain", max_length: int = 128, verbose: bool = False,
-                    tokenizer: Any = None) -> tuple[Any, Any]:
+                    tokenizer: Any = None, progress: bool = False, desc: str = "base model") -> tuple[Any, Any]:
     """Fine-tune a fresh tiny Llama on ``rows`` (answer-only loss) until the mean epoch loss drops below
     ``stop_loss`` or ``epochs`` pass; returns ``(model, tokenizer)`` with the model in eval mode.
 
@@ -79,6 +79,11 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
     gen = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, desc=desc, unit="epoch", leave=False)
     for epoch in range(epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         total, count = 0.0, 0
@@ -96,8 +101,13 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
         mean = total / count
         if verbose:
             print(f"epoch {epoch + 1}: loss {mean:.4f} ({time.perf_counter() - start:.1f} s)")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}")
         if mean < stop_loss:
             break
+    if bar is not None:
+        bar.close()
     model.eval()
     return model, tokenizer
 
