@@ -39,7 +39,7 @@ import triton.language as tl
 from grun_fast.errors import GRUNError
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RANK = 128
+MAX_RANK = 128  # beyond it (register tiles of [BLOCK_M, r]) the PyTorch path runs
 # Deterministic backward keeps one fp32 partial per program; cap their total size.
 DETERMINISTIC_WORKSPACE_BYTES = 256 * 2**20
 # Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128}.
@@ -513,8 +513,10 @@ def _torch_backward(h, dout, dgate, a_mat, rot, b, wg, c, logit, rows, threshold
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _use_kernel(h: torch.Tensor) -> bool:
-    if h.dtype not in KERNEL_DTYPES:
+def _use_kernel(h: torch.Tensor, rank: int) -> bool:
+    """The fused kernels for fp32/bf16/fp16 up to rank MAX_RANK on CUDA (or CPU under the interpreter);
+    otherwise the same math in PyTorch."""
+    if h.dtype not in KERNEL_DTYPES or rank > MAX_RANK:
         return False
     return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -533,7 +535,7 @@ def _prep(h, rotation, weight, bias, rows, extra_rows):
 
 def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
     h2, a_mat, rot, b, rows2, (wg2, c2, logit2) = _prep(h, rotation, weight, bias, rows, (wg, c, logit))
-    if _use_kernel(h):
+    if _use_kernel(h, rotation.shape[0]):
         out, gate = forward_2d(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
     else:
         out, gate = _torch_forward(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
@@ -545,7 +547,7 @@ def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, thresh
     y2 = _flat_rows(dout)
     g2 = None if dgate is None else dgate.reshape(-1).to(torch.float64 if h.dtype == torch.float64
                                                          else torch.float32).contiguous()
-    if _use_kernel(h):
+    if _use_kernel(h, rotation.shape[0]):
         g = backward_2d(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold, deterministic)
     else:
         g = _torch_backward(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
@@ -672,8 +674,8 @@ def _check(h, rotation, weight, bias, rows, gate_threshold):
     if rotation.dim() != 2 or rotation.shape[1] != d:
         raise GRUNError(f"rotation must be [r, {d}], got {tuple(rotation.shape)}")
     r = rotation.shape[0]
-    if not 1 <= r <= MAX_RANK:
-        raise GRUNError(f"rank r must be in 1..{MAX_RANK}, got {r}")
+    if r < 1:
+        raise GRUNError(f"rank r must be at least 1, got {r}")
     if tuple(weight.shape) != (r, d):
         raise GRUNError(f"weight must be [{r}, {d}] like rotation, got {tuple(weight.shape)}")
     if bias.numel() != r:
