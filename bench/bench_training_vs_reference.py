@@ -46,20 +46,24 @@ CSV_FIELDS = ["op", "provider", "mode", "x", "median", "p20", "p80", "unit", "n"
 
 
 # ----------------------------------------------------------------------------- our side
+def _llama(cfg: dict) -> torch.nn.Module:
+    """The benchmark's random-weight Llama (seeded: every call gives the same weights)."""
+    import transformers
+
+    torch.manual_seed(cfg["seed"])
+    mcfg = transformers.LlamaConfig(**cfg["model"])
+    mcfg._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
+
+
 class Ours:
     """grun_fast on the same model shape, stepping with plain torch."""
 
     def __init__(self, cfg: dict, mode: str):
-        import transformers
-
         import grun_fast
 
-        self.grun_fast, self.mode = grun_fast, mode
-        torch.manual_seed(cfg["seed"])
-        mcfg = transformers.LlamaConfig(**cfg["model"])
-        mcfg._attn_implementation = "sdpa"
-        self.model = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
-        self.model.eval().requires_grad_(False)
+        self.grun_fast, self.mode, self.cfg, self.bare = grun_fast, mode, cfg, None
+        self.model = _llama(cfg).eval().requires_grad_(False)
         grun_fast.patch(self.model, grun_fast.GRUNConfig(layers=cfg["layers"], rank=cfg["rank"]))
         self.modules = list(grun_fast.adapter_modules(self.model).values())
         self.params = list(grun_fast.adapter_parameters(self.model))
@@ -105,10 +109,12 @@ class Ours:
         self.losses.append(float(loss.detach()))
 
     def plain_two_forwards(self) -> None:
-        """Calibration: two no-grad forwards of the base model with the adapter taken out of the way."""
-        with torch.no_grad(), _unpatched(self.grun_fast, self.model):
+        """Calibration: two no-grad forwards of the bare base model (an unpatched twin, same weights)."""
+        if self.bare is None:
+            self.bare = _llama(self.cfg).eval()
+        with torch.no_grad():
             for b in (self.forget, self.retain):
-                self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                self.bare(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
 
     def orthonormality_error(self) -> float:
         errs = []
@@ -117,24 +123,6 @@ class Ours:
                 rot = m.orthonormal_rotation().float()
                 errs.append(float((rot @ rot.T - torch.eye(rot.shape[0])).abs().max()))
         return max(errs)
-
-
-class _unpatched:
-    """Temporarily remove the adapter (keeping its modules) so the plain forward is the bare base model."""
-
-    def __init__(self, grun_fast, model):
-        self.grun_fast, self.model = grun_fast, model
-
-    def __enter__(self):
-        self.saved = {k: m for k, m in self.model.grun_adapters["default"].items()}
-        self.config = self.grun_fast.adapter_config(self.model)
-        self.grun_fast.unpatch(self.model)
-
-    def __exit__(self, *exc):
-        self.grun_fast.patch(self.model, self.config)
-        for k, m in self.saved.items():
-            self.model.grun_adapters["default"][k] = m
-        return False
 
 
 def _timed(fn) -> float:
