@@ -372,6 +372,30 @@ def check(device: str, dtypes: list[str], quick: bool) -> list[dict]:
     return results
 
 
+def check_compile(device: str) -> bool:
+    """The custom op under torch.compile(fullgraph=True): no graph break, same loss and gradients as eager."""
+    inp = make_inputs(48, 256, 4, torch.float32, device, seed=1)
+    p = inp["params"]
+    tensors = [inp["h"], p["rotation"], p["weight"], p["bias"], p["gate_weight"], p["gate_bias"]]
+    rows = torch.rand(48, device=device) < 0.5
+
+    def loss_fn(*t):
+        out, gate = K.gated_loreft_triton(*t, rows=rows)
+        return (out * inp["dout"]).sum() + (gate * inp["dgate"]).sum()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    ok = all(torch.allclose(a, e, rtol=1e-5, atol=1e-6) for a, e in zip(*results))
+    print(f"torch.compile(fullgraph=True, backend={backend}) matches eager: {'ok' if ok else 'FAIL'}")
+    return ok
+
+
 def sweep(device: str, rows: int, d: int, r: int, dtype: torch.dtype, repeats: int) -> None:
     """Time a few Triton block configurations (set through CONFIG_OVERRIDES) at one size."""
     inputs = make_inputs(rows, d, r, dtype, device)
@@ -426,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ["TRITON_INTERPRET"] = "1"  # the kernels run in the interpreter on CPU tensors
         results = check(args.device, ["fp32", "bf16"], quick=quick)
+        results.append({"ok": check_compile(args.device)})
         bad = [r for r in results if not r["ok"]]
         print(f"check: {len(results) - len(bad)}/{len(results)} ok")
         return 1 if bad else 0

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One prepared GPU check of the fused gated-LoReFT kernels (under 5 minutes on an H100/H200):
+#   1. the kernels vs a float64 reference in fp32 and bf16 (outputs, gate, all gradients; masks, thresholds,
+#      the MLP-gate variant, deterministic mode bitwise, torch.compile fullgraph);
+#   2. copy bandwidth, then the kernel benchmark (triton / torch / reference / compile; fwd and fwd+bwd;
+#      rows 1..16384, d 4096, r 4, bf16) with the fraction of the bandwidth roofline reached and peak memory;
+#   3. a short sweep of Triton block sizes at 16384 rows (to tune kernels/gated_loreft.py defaults).
+# Installs nothing: the package is imported from the checkout (bench/bench_kernels.py falls back to a sys.path
+# shim when grun_fast is not installed). Writes the log and CSV under $OUT when set, and bench/results/.
+#
+#   bash bench/gpu_check.sh            # from the repository root, on a machine with a CUDA GPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+DEST=${OUT:-bench/results}
+mkdir -p "$DEST" bench/results
+LOG="$DEST/gpu_check_${STAMP}.log"
+CSV="bench/results/kernels.csv"
+exec > >(tee "$LOG") 2>&1
+
+echo "== gpu_check $STAMP"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory --format=csv || true
+$PY - <<'EOF'
+import torch, triton
+print(f"torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}, "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
+EOF
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: run 'python bench/bench_kernels.py --quick' and '--check --quick' on CPU instead"
+    exit 2
+fi
+
+status=0
+echo; echo "== 1. correctness vs float64 (fp32 1e-5, bf16 2e-2)"
+timeout 110 $PY bench/bench_kernels.py --check || { echo "CHECK FAILED (rc=$?)"; status=1; }
+
+echo; echo "== 2. bandwidth roofline and benchmark (bf16, d=4096, r=4)"
+timeout 140 $PY bench/bench_kernels.py --bandwidth --repeats 30 --csv "$CSV" || { echo "BENCH FAILED (rc=$?)"; status=1; }
+
+echo; echo "== 3. block-size sweep (rows=16384)"
+timeout 40 $PY bench/bench_kernels.py --sweep --rows 16384 --repeats 15 --providers triton \
+    || echo "sweep incomplete (rc=$?)"
+
+if [ "$DEST" != "bench/results" ] && [ -f "$CSV" ]; then
+    cp "$CSV" "$DEST/kernels.csv"
+fi
+echo; echo "== done: status $status; log $LOG"
+exit $status
