@@ -69,6 +69,7 @@ COLUMNS = ["op", "provider", "mode", "rows", "d", "r", "dtype", "median", "p20",
            "device", "date"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("triton", "torch", "reference", "compile")
+EXTRA_PROVIDERS = ("triton-det",)  # the kernels with deterministic=True (on request: --providers)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -98,6 +99,8 @@ def provider_fn(provider: str) -> Callable:
     """(h, R, W, b, wg, c) -> (out, gate) for one provider."""
     if provider == "triton":
         return K.gated_loreft_triton
+    if provider == "triton-det":
+        return lambda *a: K.gated_loreft_triton(*a, deterministic=True)
     if provider == "torch":
         return lambda *a: functional.gated_loreft(*a, impl="torch")
     if provider == "reference":
@@ -110,7 +113,7 @@ def provider_fn(provider: str) -> Callable:
 def available_providers(device: str) -> list[str]:
     names = ["torch", "reference", "compile"]
     if device == "cuda":
-        names.insert(0, "triton")
+        names[:0] = ["triton", "triton-det"]
     return names
 
 
@@ -424,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=int)
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--dtype", choices=sorted(DTYPES))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + EXTRA_PROVIDERS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--warmup", type=int, default=2)

@@ -37,7 +37,8 @@ echo; echo "== 1. correctness vs float64 (fp32 1e-5, bf16 2e-2)"
 timeout 110 $PY bench/bench_kernels.py --check || { echo "CHECK FAILED (rc=$?)"; status=1; }
 
 echo; echo "== 2. bandwidth roofline and benchmark (bf16, d=4096, r=4)"
-timeout 140 $PY bench/bench_kernels.py --bandwidth --repeats 30 --csv "$CSV" || { echo "BENCH FAILED (rc=$?)"; status=1; }
+timeout 140 $PY bench/bench_kernels.py --bandwidth --repeats 30 --csv "$CSV" \
+    --providers triton triton-det torch reference compile || { echo "BENCH FAILED (rc=$?)"; status=1; }
 
 echo; echo "== 3. block-size sweep (rows=16384)"
 timeout 40 $PY bench/bench_kernels.py --sweep --rows 16384 --repeats 15 --providers triton \

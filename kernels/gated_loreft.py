@@ -104,12 +104,13 @@ def _fwd_kernel(
     b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
     sp = tl.where(edit[:, None], (acc + b[None, :]) * s[:, None], 0.0)
 
-    # pass 2: out = h + (s p) @ R on edited rows, h bit-exact elsewhere
+    # pass 2: out = h + (s p) @ R on edited rows, h bit-exact elsewhere (in place: blocks without an edit skip it)
     if INPLACE:
-        n_edit = tl.reduce(edit.to(tl.int32), 0, _sum_combine)
+        todo = edit
     else:
-        n_edit = 1
-    if n_edit > 0:
+        todo = m_mask
+    n_todo = tl.reduce(todo.to(tl.int32), 0, _sum_combine)
+    if n_todo > 0:
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
@@ -280,7 +281,9 @@ def _kernel(name: str, interpret: bool):
 
 
 def _interpreting(t: torch.Tensor) -> bool:
-    return not t.is_cuda
+    """CPU tensors always run in the interpreter; CUDA tensors too when TRITON_INTERPRET=1 (then triton's own
+    helpers were built for the interpreter and nothing can be compiled)."""
+    return not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
@@ -304,16 +307,23 @@ def _precision(h: torch.Tensor) -> str:
 
 
 def _fwd_config(n: int, d: int) -> tuple[int, int, int]:
-    block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16 if n <= 4096 else 32)
-    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(128, _pow2_at_least(d, 16)))
-    warps = CONFIG_OVERRIDES.get("fwd_warps", 4)
+    """(BLOCK_M, BLOCK_D, num_warps). Few rows: one program walks all of d, so take wide d tiles (fewer
+    dependent iterations). Many rows: 16-row blocks keep the pass-2 re-read of each block in L2
+    (16 x 4096 x 2 B = 128 KiB per program). Starting points, to be tuned with `bench_kernels.py --sweep`."""
+    small = n <= 64
+    block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16)
+    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(512 if small else 128, _pow2_at_least(d, 16)))
+    warps = CONFIG_OVERRIDES.get("fwd_warps", 8 if small else 4)
     return block_m, block_d, warps
 
 
 def _bwd_config(n: int, d: int) -> tuple[int, int, int]:
-    block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16 if n <= 4096 else 32)
-    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(64, _pow2_at_least(d, 16)))
-    warps = CONFIG_OVERRIDES.get("bwd_warps", 4)
+    """(BLOCK_M, BLOCK_D, num_warps) of the backward; it holds two fp32 [BLOCK_M, BLOCK_D] tiles (h, dout)
+    and three dot products per tile, so its tiles are narrower than the forward's."""
+    small = n <= 64
+    block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16)
+    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(256 if small else 64, _pow2_at_least(d, 16)))
+    warps = CONFIG_OVERRIDES.get("bwd_warps", 8 if small else 4)
     return block_m, block_d, warps
 
 
