@@ -39,7 +39,7 @@ import triton.language as tl
 from grun_fast.errors import GRUNError
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RANK = 128  # beyond it (register tiles of [BLOCK_M, r]) the PyTorch path runs
+MAX_RANK = 127  # r + 1 <= 128 accumulator columns; beyond it the PyTorch path runs
 # Deterministic backward keeps one fp32 partial per program; cap their total size.
 DETERMINISTIC_WORKSPACE_BYTES = 256 * 2**20
 # Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128}.
@@ -58,7 +58,7 @@ _sum_combine = tl.standard._sum_combine
 
 def _fwd_kernel(
     h_ptr, out_ptr, gate_ptr,
-    a_ptr, r_ptr, b_ptr, wg_ptr, c_ptr, logit_ptr, rows_ptr,
+    ag_ptr, rot_ptr, bias_ptr, logit_ptr, rows_ptr,
     n, d, r,
     stride_hm, stride_hd, stride_om, stride_od,
     threshold,
@@ -66,33 +66,35 @@ def _fwd_kernel(
     GATE_LOGIT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_THRESH: tl.constexpr, INPLACE: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """ag = [A; w_g] (linear gate) or A (logit gate), fp32 [n_ag, d]; bias = [b; c] or b, fp32 [n_ag]."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n
     offs_k = tl.arange(0, RP)
-    k_mask = offs_k < r
+    if GATE_LOGIT:
+        n_ag = r
+    else:
+        n_ag = r + 1
+    ag_mask = offs_k < n_ag
+    rot_mask = offs_k < r
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
     o_rows = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om
 
-    # pass 1: [p | a] = h @ [A; w_g]^T, fp32 accumulation
+    # pass 1: [p | a] = h @ [A; w_g]^T + [b | c], fp32 accumulation
     acc = tl.full([BLOCK_M, RP], 0.0, tl.float32)
-    a_acc = tl.full([BLOCK_M], 0.0, tl.float32)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d
         h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        h = h.to(tl.float32)
-        at = tl.load(a_ptr + offs_k[None, :] * d + offs_d[:, None], mask=k_mask[None, :] & d_mask[:, None],
-                     other=0.0)
-        acc = tl.dot(h, at, acc, input_precision=PREC)
-        if not GATE_LOGIT:
-            wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
-            a_acc += tl.reduce(h * wg[None, :], 1, _sum_combine)
+        agt = tl.load(ag_ptr + offs_k[None, :] * d + offs_d[:, None], mask=ag_mask[None, :] & d_mask[:, None],
+                      other=0.0)
+        acc = tl.dot(h.to(tl.float32), agt, acc, input_precision=PREC)
+    acc += tl.load(bias_ptr + offs_k, mask=ag_mask, other=0.0)[None, :]
 
     if GATE_LOGIT:
         logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
     else:
-        logit = a_acc + tl.load(c_ptr)
+        logit = tl.reduce(tl.where(offs_k[None, :] == r, acc, 0.0), 1, _sum_combine)
     s = 1.0 / (1.0 + tl.exp(-logit))
     tl.store(gate_ptr + offs_m, s, mask=m_mask)
 
@@ -101,8 +103,7 @@ def _fwd_kernel(
         edit = edit & (tl.load(rows_ptr + offs_m, mask=m_mask, other=0) != 0)
     if HAS_THRESH:
         edit = edit & (s >= threshold)
-    b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
-    sp = tl.where(edit[:, None], (acc + b[None, :]) * s[:, None], 0.0)
+    sp = tl.where(edit[:, None] & rot_mask[None, :], acc * s[:, None], 0.0)
 
     # pass 2: out = h + (s p) @ R on edited rows, h bit-exact elsewhere (in place: blocks without an edit skip it)
     if INPLACE:
@@ -116,7 +117,7 @@ def _fwd_kernel(
             d_mask = offs_d < d
             ld_mask = m_mask[:, None] & d_mask[None, :]
             h_raw = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0)
-            rt = tl.load(r_ptr + offs_k[:, None] * d + offs_d[None, :], mask=k_mask[:, None] & d_mask[None, :],
+            rt = tl.load(rot_ptr + offs_k[:, None] * d + offs_d[None, :], mask=rot_mask[:, None] & d_mask[None, :],
                          other=0.0)
             upd = tl.dot(sp, rt, input_precision=PREC)
             new = (h_raw.to(tl.float32) + upd).to(h_raw.dtype)
@@ -130,7 +131,7 @@ def _fwd_kernel(
 
 def _bwd_kernel(
     h_ptr, y_ptr, dgate_ptr, dh_ptr, dlogit_ptr,
-    a_ptr, r_ptr, b_ptr, wg_ptr, c_ptr, logit_ptr, rows_ptr,
+    ag_ptr, rot_ptr, bias_ptr, logit_ptr, rows_ptr,
     ws_ptr, wsv_ptr,
     n, d, r, n_blocks, n_progs,
     stride_hm, stride_hd, stride_ym, stride_yd, stride_dm, stride_dd,
@@ -139,23 +140,28 @@ def _bwd_kernel(
     GATE_LOGIT: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_THRESH: tl.constexpr, HAS_DGATE: tl.constexpr,
     DETERMINISTIC: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Per row block: recompute [p | a] and q = y R^T (pass 1), then dh = y + [dp | da] @ [A; w_g] and the
+    partials [dp | da]^T h = [dA; dw_g], (s p)^T y, sum [dp | da] = [db; dc] (pass 2)."""
     pid = tl.program_id(0)
     # contiguous range of row blocks owned by this program (never empty: n_progs <= n_blocks)
     blk_start = (pid * n_blocks) // n_progs
     blk_end = ((pid + 1) * n_blocks) // n_progs
     offs_k = tl.arange(0, RP)
-    k_mask = offs_k < r
-    # workspace layout per program: [dp^T h : RP*d][(s p)^T y : RP*d][da^T h : d], then [db : RP][dc : 1]
-    ws_stride = 2 * RP * d + d
+    if GATE_LOGIT:
+        n_ag = r
+    else:
+        n_ag = r + 1
+    ag_mask = offs_k < n_ag
+    rot_mask = offs_k < r
+    # workspace per program (one shared by all with atomics): [G1 = [dA; dw_g] : RP*d][G2 : RP*d], [db; dc : RP]
     if DETERMINISTIC:
-        ws = ws_ptr + pid.to(tl.int64) * ws_stride
-        wsv = wsv_ptr + pid * (RP + 1)
+        ws = ws_ptr + pid.to(tl.int64) * (2 * RP * d)
+        wsv = wsv_ptr + pid * RP
     else:
         ws = ws_ptr
         wsv = wsv_ptr
-    b = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0)
-    db_acc = tl.full([RP], 0.0, tl.float32)
-    dc_acc = tl.full([BLOCK_M], 0.0, tl.float32)
+    bias = tl.load(bias_ptr + offs_k, mask=ag_mask, other=0.0)
+    dv_acc = tl.full([RP], 0.0, tl.float32)
 
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,94 +171,80 @@ def _bwd_kernel(
         y_rows = y_ptr + offs_m64[:, None] * stride_ym
         dh_rows = dh_ptr + offs_m64[:, None] * stride_dm
 
-        # pass 1: p = h A^T, a = h . w_g, q = y R^T
+        # pass 1: [p | a] = h [A; w_g]^T + [b | c],  q = y R^T
         acc_p = tl.full([BLOCK_M, RP], 0.0, tl.float32)
         acc_q = tl.full([BLOCK_M, RP], 0.0, tl.float32)
-        a_acc = tl.full([BLOCK_M], 0.0, tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             ld_mask = m_mask[:, None] & d_mask[None, :]
-            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0).to(tl.float32)
-            y = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0).to(tl.float32)
-            wt_mask = k_mask[None, :] & d_mask[:, None]
-            at = tl.load(a_ptr + offs_k[None, :] * d + offs_d[:, None], mask=wt_mask, other=0.0)
-            rt = tl.load(r_ptr + offs_k[None, :] * d + offs_d[:, None], mask=wt_mask, other=0.0)
-            acc_p = tl.dot(h, at, acc_p, input_precision=PREC)
-            acc_q = tl.dot(y, rt, acc_q, input_precision=PREC)
-            if not GATE_LOGIT:
-                wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
-                a_acc += tl.reduce(h * wg[None, :], 1, _sum_combine)
+            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0)
+            y = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0)
+            agt = tl.load(ag_ptr + offs_k[None, :] * d + offs_d[:, None], mask=ag_mask[None, :] & d_mask[:, None],
+                          other=0.0)
+            rt = tl.load(rot_ptr + offs_k[None, :] * d + offs_d[:, None], mask=rot_mask[None, :] & d_mask[:, None],
+                         other=0.0)
+            acc_p = tl.dot(h.to(tl.float32), agt, acc_p, input_precision=PREC)
+            acc_q = tl.dot(y.to(tl.float32), rt, acc_q, input_precision=PREC)
+        acc_p += bias[None, :]
 
         if GATE_LOGIT:
             logit = tl.load(logit_ptr + offs_m, mask=m_mask, other=0.0)
         else:
-            logit = a_acc + tl.load(c_ptr)
+            logit = tl.reduce(tl.where(offs_k[None, :] == r, acc_p, 0.0), 1, _sum_combine)
         s = 1.0 / (1.0 + tl.exp(-logit))
         edit = m_mask
         if HAS_ROWS:
             edit = edit & (tl.load(rows_ptr + offs_m, mask=m_mask, other=0) != 0)
         if HAS_THRESH:
             edit = edit & (s >= threshold)
-        p = acc_p + b[None, :]
-        ds = tl.where(edit, tl.reduce(acc_q * p, 1, _sum_combine), 0.0)
+        edit_k = edit[:, None] & rot_mask[None, :]
+        # q is zero beyond column r - 1 (masked R), so q . [p | a] = q . p
+        ds = tl.where(edit, tl.reduce(acc_q * acc_p, 1, _sum_combine), 0.0)
         if HAS_DGATE:
             ds += tl.load(dgate_ptr + offs_m, mask=m_mask, other=0.0)
         # s (1 - s) with 1 - s = sigmoid(-a) computed directly: no cancellation when s is near 1
         da = tl.where(m_mask, ds * s * (1.0 / (1.0 + tl.exp(logit))), 0.0)
-        dp = tl.where(edit[:, None], acc_q * s[:, None], 0.0)
-        sp = tl.where(edit[:, None], p * s[:, None], 0.0)
+        sp = tl.where(edit_k, acc_p * s[:, None], 0.0)
+        dpa = tl.where(edit_k, acc_q * s[:, None], 0.0)
         if GATE_LOGIT:
             tl.store(dlogit_ptr + offs_m, da, mask=m_mask)
-        db_acc += tl.reduce(dp, 0, _sum_combine)
-        dc_acc += da
-        # "not the first block of this program" as a tensor (a bare scalar mask trips the interpreter)
+        else:
+            dpa += tl.where(offs_k[None, :] == r, da[:, None], 0.0)
+        dv_acc += tl.reduce(dpa, 0, _sum_combine)
+        # "not the first block of this program", as a tensor (a bare scalar mask trips the interpreter)
         not_first = (offs_k * 0 + blk) != blk_start
-        dp_t = tl.trans(dp)
+        dpa_t = tl.trans(dpa)
         sp_t = tl.trans(sp)
 
-        # pass 2: dh = y + dp A + da w_g;  partials dp^T h, (s p)^T y, da^T h
+        # pass 2: dh = y + [dp | da] @ [A; w_g];  G1 += [dp | da]^T h,  G2 += (s p)^T y
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             ld_mask = m_mask[:, None] & d_mask[None, :]
             h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0).to(tl.float32)
-            y_raw = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0)
-            y = y_raw.to(tl.float32)
-            w_mask = k_mask[:, None] & d_mask[None, :]
-            a_t = tl.load(a_ptr + offs_k[:, None] * d + offs_d[None, :], mask=w_mask, other=0.0)
-            dh = y + tl.dot(dp, a_t, input_precision=PREC)
-            g1 = tl.dot(dp_t, h, input_precision=PREC)
-            g2 = tl.dot(sp_t, y, input_precision=PREC)
+            y = tl.load(y_rows + offs_d[None, :] * stride_yd, mask=ld_mask, other=0.0).to(tl.float32)
             w_offs = offs_k[:, None] * d + offs_d[None, :]
-            if not GATE_LOGIT:
-                wg = tl.load(wg_ptr + offs_d, mask=d_mask, other=0.0)
-                dh += da[:, None] * wg[None, :]
-                gw = tl.reduce(da[:, None] * h, 0, _sum_combine)
+            g1_mask = ag_mask[:, None] & d_mask[None, :]
+            g2_mask = rot_mask[:, None] & d_mask[None, :]
+            ag = tl.load(ag_ptr + w_offs, mask=g1_mask, other=0.0)
+            dh = y + tl.dot(dpa, ag, input_precision=PREC)
             tl.store(dh_rows + offs_d[None, :] * stride_dd, dh.to(dh_ptr.dtype.element_ty), mask=ld_mask)
+            g1 = tl.dot(dpa_t, h, input_precision=PREC)
+            g2 = tl.dot(sp_t, y, input_precision=PREC)
             if DETERMINISTIC:
-                keep = w_mask & not_first[:, None]
-                g1 += tl.load(ws + w_offs, mask=keep, other=0.0)
-                g2 += tl.load(ws + RP * d + w_offs, mask=keep, other=0.0)
-                tl.store(ws + w_offs, g1, mask=w_mask)
-                tl.store(ws + RP * d + w_offs, g2, mask=w_mask)
-                if not GATE_LOGIT:
-                    gw_keep = d_mask & ((offs_d * 0 + blk) != blk_start)
-                    gw += tl.load(ws + 2 * RP * d + offs_d, mask=gw_keep, other=0.0)
-                    tl.store(ws + 2 * RP * d + offs_d, gw, mask=d_mask)
+                g1 += tl.load(ws + w_offs, mask=g1_mask & not_first[:, None], other=0.0)
+                g2 += tl.load(ws + RP * d + w_offs, mask=g2_mask & not_first[:, None], other=0.0)
+                tl.store(ws + w_offs, g1, mask=g1_mask)
+                tl.store(ws + RP * d + w_offs, g2, mask=g2_mask)
             else:
-                tl.atomic_add(ws + w_offs, g1, mask=w_mask, sem="relaxed")
-                tl.atomic_add(ws + RP * d + w_offs, g2, mask=w_mask, sem="relaxed")
-                if not GATE_LOGIT:
-                    tl.atomic_add(ws + 2 * RP * d + offs_d, gw, mask=d_mask, sem="relaxed")
+                tl.atomic_add(ws + w_offs, g1, mask=g1_mask, sem="relaxed")
+                tl.atomic_add(ws + RP * d + w_offs, g2, mask=g2_mask, sem="relaxed")
 
-    dc_tot = tl.reduce(dc_acc, 0, _sum_combine)
     if DETERMINISTIC:
-        tl.store(wsv + offs_k, db_acc, mask=k_mask)
-        tl.store(wsv + RP, dc_tot)
+        tl.store(wsv + offs_k, dv_acc, mask=ag_mask)
     else:
-        tl.atomic_add(wsv + offs_k, db_acc, mask=k_mask, sem="relaxed")
-        tl.atomic_add(wsv + RP, dc_tot, sem="relaxed")
+        tl.atomic_add(wsv + offs_k, dv_acc, mask=ag_mask, sem="relaxed")
 
 
 _KERNEL_FNS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
@@ -290,9 +282,10 @@ def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(1, x)))
 
 
-def _rank_pad(r: int) -> int:
-    # tl.dot needs every dimension >= 16
-    return _pow2_at_least(r, 16)
+def _rank_pad(n_ag: int) -> int:
+    """Columns of the [BLOCK_M, RP] accumulators: r (+1 for the gate), padded to a power of two >= 16
+    (tl.dot needs every dimension >= 16)."""
+    return _pow2_at_least(n_ag, 16)
 
 
 def _precision(h: torch.Tensor) -> str:
@@ -312,17 +305,17 @@ def _fwd_config(n: int, d: int) -> tuple[int, int, int]:
     (16 x 4096 x 2 B = 128 KiB per program). Starting points, to be tuned with `bench_kernels.py --sweep`."""
     small = n <= 64
     block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(512 if small else 128, _pow2_at_least(d, 16)))
+    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(256 if small else 128, _pow2_at_least(d, 16)))
     warps = CONFIG_OVERRIDES.get("fwd_warps", 8 if small else 4)
     return block_m, block_d, warps
 
 
 def _bwd_config(n: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) of the backward; it holds two fp32 [BLOCK_M, BLOCK_D] tiles (h, dout)
-    and three dot products per tile, so its tiles are narrower than the forward's."""
+    """(BLOCK_M, BLOCK_D, num_warps) of the backward; it holds two [BLOCK_M, BLOCK_D] tiles (h, dout) and
+    three dot products per tile, so its tiles are narrower than the forward's."""
     small = n <= 64
     block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(256 if small else 64, _pow2_at_least(d, 16)))
+    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(128 if small else 64, _pow2_at_least(d, 16)))
     warps = CONFIG_OVERRIDES.get("bwd_warps", 8 if small else 4)
     return block_m, block_d, warps
 
@@ -339,17 +332,47 @@ def _flat_rows(h: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Raw launchers (no autograd): 2-D inputs, fp32 contiguous parameters
+# Raw launchers (no autograd): 2-D inputs, folded fp32 contiguous parameters
 # ----------------------------------------------------------------------------------------------------------
+
+
+def fold_parameters(rotation, weight, bias, gate_weight=None, gate_bias=None, dtype=torch.float32):
+    """(ag, rot, bias_ext): ag = [W - R; w_g] (or W - R without a linear gate), R, [b; c] (or b), contiguous
+    in `dtype` (fp32 for the kernels)."""
+    pt = dtype
+    rot = rotation.to(pt).contiguous()
+    rows = [weight.to(pt) - rot]
+    biases = [bias.to(pt).reshape(-1)]
+    if gate_weight is not None:
+        rows.append(gate_weight.to(pt).reshape(1, -1))
+        biases.append(gate_bias.to(pt).reshape(1))
+    return torch.cat(rows).contiguous(), rot, torch.cat(biases).contiguous()
+
+
+def _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace):
+    """(grid, positional args, constexpr kwargs, num_warps) of one forward launch."""
+    n, d = h.shape
+    r = rot.shape[0]
+    gate_logit = logit is not None
+    block_m, block_d, warps = _fwd_config(n, d)
+    args = (
+        h, out, gate, ag, rot, bias, logit if gate_logit else bias, rows if rows is not None else bias,
+        n, d, r, h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+        float(threshold) if threshold is not None else 0.0,
+    )
+    consts = dict(
+        BLOCK_M=block_m, BLOCK_D=block_d, RP=_rank_pad(r + (0 if gate_logit else 1)),
+        GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
+        PREC=_precision(h),
+    )
+    return (triton.cdiv(n, block_m),), args, consts, warps
 
 
 def forward_2d(
     h: torch.Tensor,
-    a_mat: torch.Tensor,
+    ag: torch.Tensor,
     rot: torch.Tensor,
-    b: torch.Tensor,
-    wg: Optional[torch.Tensor],
-    c: Optional[torch.Tensor],
+    bias: torch.Tensor,
     logit: Optional[torch.Tensor],
     rows: Optional[torch.Tensor],
     threshold: Optional[float],
@@ -357,13 +380,13 @@ def forward_2d(
     gate: Optional[torch.Tensor] = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on h [n, d]; `a_mat` = W - R and `rot` = R as fp32 [r, d] contiguous.
+    """Launch the forward kernel on h [n, d] with parameters from `fold_parameters`.
 
-    Exactly one of (wg, c) and `logit` [n] fp32 is given. `out`/`gate` may be preallocated (every element is
-    written); `inplace=True` writes only the edited rows of `out` (pass out=h to edit h in place).
+    `logit` [n] fp32 is given for the logit (MLP) gate, None for the linear gate (then `ag` has r + 1 rows).
+    `rows` is an int8 mask [n] or None. `out`/`gate` may be preallocated (every element is written);
+    `inplace=True` writes only the edited rows of `out` (pass out=h to edit h in place).
     """
     n, d = h.shape
-    r = rot.shape[0]
     if inplace and out is None:
         raise GRUNError("inplace=True needs `out` (usually h itself)")
     if out is None:
@@ -372,94 +395,89 @@ def forward_2d(
         gate = torch.empty((n,), dtype=torch.float32, device=h.device)
     if n == 0:
         return out, gate
-    block_m, block_d, warps = _fwd_config(n, d)
-    gate_logit = logit is not None
-    dummy = a_mat
-    kernel = _kernel("fwd", _interpreting(h))
-    grid = (triton.cdiv(n, block_m),)
-    kernel[grid](
-        h, out, gate,
-        a_mat, rot, b, dummy if gate_logit else wg, dummy if gate_logit else c,
-        logit if gate_logit else dummy, rows if rows is not None else dummy,
-        n, d, r,
-        h.stride(0), h.stride(1), out.stride(0), out.stride(1),
-        float(threshold) if threshold is not None else 0.0,
-        BLOCK_M=block_m, BLOCK_D=block_d, RP=_rank_pad(r),
-        GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
-        PREC=_precision(h), num_warps=warps,
-    )
+    grid, args, consts, warps = _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace)
+    _kernel("fwd", _interpreting(h))[grid](*args, **consts, num_warps=warps)
     return out, gate
+
+
+def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, deterministic, dh, dlogit):
+    """(grid, positional args, constexpr kwargs, num_warps, workspace, vector workspace) of one backward."""
+    n, d = h.shape
+    r = rot.shape[0]
+    gate_logit = logit is not None
+    rp = _rank_pad(r + (0 if gate_logit else 1))
+    dev = h.device
+    block_m, block_d, warps = _bwd_config(n, d)
+    n_blocks = triton.cdiv(n, block_m)
+    if deterministic:
+        per_prog = (2 * rp * d + rp) * 4
+        n_progs = max(1, min(n_blocks, 2 * _num_sms(dev), DETERMINISTIC_WORKSPACE_BYTES // per_prog))
+        ws = torch.empty((n_progs, 2 * rp * d), dtype=torch.float32, device=dev)
+        wsv = torch.empty((n_progs, rp), dtype=torch.float32, device=dev)
+    else:
+        n_progs = n_blocks
+        ws = torch.zeros((1, 2 * rp * d), dtype=torch.float32, device=dev)
+        wsv = torch.zeros((1, rp), dtype=torch.float32, device=dev)
+    args = (
+        h, dout, dgate if dgate is not None else bias, dh, dlogit if gate_logit else bias,
+        ag, rot, bias, logit if gate_logit else bias, rows if rows is not None else bias,
+        ws, wsv,
+        n, d, r, n_blocks, n_progs,
+        h.stride(0), h.stride(1), dout.stride(0), dout.stride(1), dh.stride(0), dh.stride(1),
+        float(threshold) if threshold is not None else 0.0,
+    )
+    consts = dict(
+        BLOCK_M=block_m, BLOCK_D=block_d, RP=rp,
+        GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None,
+        HAS_DGATE=dgate is not None, DETERMINISTIC=deterministic, PREC=_precision(h),
+    )
+    return (n_progs,), args, consts, warps, ws, wsv
 
 
 def backward_2d(
     h: torch.Tensor,
     dout: torch.Tensor,
     dgate: Optional[torch.Tensor],
-    a_mat: torch.Tensor,
+    ag: torch.Tensor,
     rot: torch.Tensor,
-    b: torch.Tensor,
-    wg: Optional[torch.Tensor],
-    c: Optional[torch.Tensor],
+    bias: torch.Tensor,
     logit: Optional[torch.Tensor],
     rows: Optional[torch.Tensor],
     threshold: Optional[float],
     deterministic: bool = False,
     dh: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Launch the backward kernel; returns fp32 gradients {dh (h.dtype), dA (= dW), dR, db, dwg, dc, dlogit}.
+    """Launch the backward kernel; returns {dh (h.dtype), dA (= dW), dR, db, dwg, dc, dlogit} (fp32).
 
-    dA is d/dA of (W - R): dW = dA and dR = dR_direct - dA. `dgate` [n] is the gradient of the gate output.
+    dA is d/dA of A = W - R: dW = dA and dR = (s p)^T y - dA. `dgate` [n] fp32 is the gate output's gradient.
     """
     n, d = h.shape
     r = rot.shape[0]
-    rp = _rank_pad(r)
-    dev = h.device
-    if dh is None:
-        dh = torch.empty((n, d), dtype=h.dtype, device=dev)
     gate_logit = logit is not None
-    dlogit = torch.empty((n,), dtype=torch.float32, device=dev) if gate_logit else None
-    if n == 0:
-        zeros = torch.zeros(2 * rp * d + d + rp + 1, dtype=torch.float32, device=dev)
-        ws, wsv = zeros[: 2 * rp * d + d].view(1, -1), zeros[2 * rp * d + d:].view(1, -1)
+    if dh is None:
+        dh = torch.empty((n, d), dtype=h.dtype, device=h.device)
+    dlogit = torch.empty((n,), dtype=torch.float32, device=h.device) if gate_logit else None
+    grid, args, consts, warps, ws, wsv = _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold,
+                                                     deterministic, dh, dlogit)
+    if n > 0:
+        _kernel("bwd", _interpreting(h))[grid](*args, **consts, num_warps=warps)
     else:
-        block_m, block_d, warps = _bwd_config(n, d)
-        n_blocks = triton.cdiv(n, block_m)
-        per_prog = (2 * rp * d + d + rp + 1) * 4
-        if deterministic:
-            n_progs = max(1, min(n_blocks, 2 * _num_sms(dev), DETERMINISTIC_WORKSPACE_BYTES // per_prog))
-            ws = torch.empty((n_progs, 2 * rp * d + d), dtype=torch.float32, device=dev)
-            wsv = torch.empty((n_progs, rp + 1), dtype=torch.float32, device=dev)
-        else:
-            n_progs = n_blocks
-            ws = torch.zeros((1, 2 * rp * d + d), dtype=torch.float32, device=dev)
-            wsv = torch.zeros((1, rp + 1), dtype=torch.float32, device=dev)
-        dummy = a_mat
-        kernel = _kernel("bwd", _interpreting(h))
-        kernel[(n_progs,)](
-            h, dout, dgate if dgate is not None else dummy, dh, dlogit if gate_logit else dummy,
-            a_mat, rot, b, dummy if gate_logit else wg, dummy if gate_logit else c,
-            logit if gate_logit else dummy, rows if rows is not None else dummy,
-            ws, wsv,
-            n, d, r, n_blocks, n_progs,
-            h.stride(0), h.stride(1), dout.stride(0), dout.stride(1), dh.stride(0), dh.stride(1),
-            float(threshold) if threshold is not None else 0.0,
-            BLOCK_M=block_m, BLOCK_D=block_d, RP=rp,
-            GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None,
-            HAS_DGATE=dgate is not None, DETERMINISTIC=deterministic,
-            PREC=_precision(h), num_warps=warps,
-        )
-    ws_sum = ws.sum(0) if ws.shape[0] > 1 else ws[0]
-    wsv_sum = wsv.sum(0) if wsv.shape[0] > 1 else wsv[0]
-    d_a = ws_sum[: rp * d].view(rp, d)[:r]
-    d_rot = ws_sum[rp * d: 2 * rp * d].view(rp, d)[:r] - d_a
+        ws.zero_()
+        wsv.zero_()
+    rp = consts["RP"]
+    ws_sum = ws.sum(0) if ws.shape[0] > 1 else ws[0]  # fixed-order reduction over programs
+    dv = wsv.sum(0) if wsv.shape[0] > 1 else wsv[0]
+    g1 = ws_sum[: rp * d].view(rp, d)
+    g2 = ws_sum[rp * d:].view(rp, d)
+    d_a = g1[:r]
     # clones: the results are views of one workspace and must not alias each other (custom-op rule)
     return {
         "dh": dh,
         "dA": d_a.clone(),
-        "dR": d_rot,
-        "db": wsv_sum[:r].clone(),
-        "dwg": None if gate_logit else ws_sum[2 * rp * d:].clone(),
-        "dc": wsv_sum[rp].clone(),
+        "dR": g2[:r] - d_a,
+        "db": dv[:r].clone(),
+        "dwg": None if gate_logit else g1[r].clone(),
+        "dc": None if gate_logit else dv[r].clone(),
         "dlogit": dlogit,
     }
 
@@ -476,44 +494,43 @@ def _edit_mask(gate: torch.Tensor, rows: Optional[torch.Tensor], threshold: Opti
     return keep
 
 
-def _torch_forward(h, a_mat, rot, b, wg, c, logit, rows, threshold):
+def _torch_forward(h, ag, rot, bias, logit, rows, threshold):
     ct = torch.float64 if h.dtype == torch.float64 else torch.float32
+    r = rot.shape[0]
     hc = h.to(ct)
-    p = hc @ a_mat.to(ct).T + b.to(ct)
-    a = logit.to(ct) if logit is not None else hc @ wg.to(ct) + c.to(ct).reshape(())
+    pa = hc @ ag.to(ct).T + bias.to(ct)
+    a = pa[:, r] if logit is None else logit.to(ct)
     s = torch.sigmoid(a)
     keep = _edit_mask(s, rows, threshold)
-    new = (hc + (s[:, None] * p) @ rot.to(ct)).to(h.dtype)
-    out = torch.where(keep[:, None], new, h)
-    return out, s.to(torch.float32 if h.dtype != torch.float64 else torch.float64)
+    new = (hc + (s[:, None] * pa[:, :r]) @ rot.to(ct)).to(h.dtype)
+    return torch.where(keep[:, None], new, h), s
 
 
-def _torch_backward(h, dout, dgate, a_mat, rot, b, wg, c, logit, rows, threshold):
+def _torch_backward(h, dout, dgate, ag, rot, bias, logit, rows, threshold):
     ct = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hc, y = h.to(ct), dout.to(ct)
-    A, R = a_mat.to(ct), rot.to(ct)
-    p = hc @ A.T + b.to(ct)
-    a = logit.to(ct) if logit is not None else hc @ wg.to(ct) + c.to(ct).reshape(())
+    r = rot.shape[0]
+    hc, y, agc = h.to(ct), dout.to(ct), ag.to(ct)
+    pa = hc @ agc.T + bias.to(ct)
+    p = pa[:, :r]
+    a = pa[:, r] if logit is None else logit.to(ct)
     s = torch.sigmoid(a)
     keep = _edit_mask(s, rows, threshold).to(ct)
-    q = y @ R.T
+    q = y @ rot.to(ct).T
     ds = (q * p).sum(-1) * keep
     if dgate is not None:
         ds = ds + dgate.to(ct)
     da = ds * s * torch.sigmoid(-a)
     dp = q * (s * keep)[:, None]
     sp = p * (s * keep)[:, None]
-    dh = y + dp @ A
-    if logit is None:
-        dh = dh + da[:, None] * wg.to(ct)
-    d_a = dp.T @ hc
+    dpa = dp if logit is not None else torch.cat([dp, da[:, None]], 1)
+    g1 = dpa.T @ hc
     return {
-        "dh": dh.to(h.dtype),
-        "dA": d_a,
-        "dR": sp.T @ y - d_a,
+        "dh": (y + dpa @ agc).to(h.dtype),
+        "dA": g1[:r].clone(),  # clones: custom-op outputs must not alias each other
+        "dR": sp.T @ y - g1[:r],
         "db": dp.sum(0),
-        "dwg": da @ hc if logit is None else None,
-        "dc": da.sum(),
+        "dwg": None if logit is not None else g1[r].clone(),
+        "dc": None if logit is not None else da.sum(),
         "dlogit": da if logit is not None else None,
     }
 
@@ -531,36 +548,32 @@ def _use_kernel(h: torch.Tensor, rank: int) -> bool:
     return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _prep(h, rotation, weight, bias, rows, extra_rows):
-    """Flatten h to [n, d] and fold the parameters to fp32 (f64 for f64 inputs) contiguous."""
+def _prep(h, rotation, weight, bias, gate_weight, gate_bias, logit, rows):
+    """h as [n, d], the folded parameters (fp32, or float64 for float64 h), logit and rows flattened."""
     pt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    h2 = _flat_rows(h)
-    rot = rotation.to(pt).contiguous()
-    a_mat = (weight.to(pt) - rotation.to(pt)).contiguous()
-    b = bias.to(pt).reshape(-1).contiguous()
+    ag, rot, bias_ext = fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
+    logit2 = None if logit is None else logit.reshape(-1).to(pt).contiguous()
     rows2 = None if rows is None else rows.reshape(-1).to(torch.int8).contiguous()
-    extra = [None if t is None else t.to(pt).reshape(-1).contiguous() for t in extra_rows]
-    return h2, a_mat, rot, b, rows2, extra
+    return _flat_rows(h), ag, rot, bias_ext, logit2, rows2
 
 
 def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
-    h2, a_mat, rot, b, rows2, (wg2, c2, logit2) = _prep(h, rotation, weight, bias, rows, (wg, c, logit))
+    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows)
     if _use_kernel(h, rotation.shape[0]):
-        out, gate = forward_2d(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+        out, gate = forward_2d(h2, ag, rot, bias_ext, logit2, rows2, threshold)
     else:
-        out, gate = _torch_forward(h2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+        out, gate = _torch_forward(h2, ag, rot, bias_ext, logit2, rows2, threshold)
     return out.reshape(h.shape), gate.reshape(h.shape[:-1])
 
 
 def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, threshold, deterministic):
-    h2, a_mat, rot, b, rows2, (wg2, c2, logit2) = _prep(h, rotation, weight, bias, rows, (wg, c, logit))
+    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows)
     y2 = _flat_rows(dout)
-    g2 = None if dgate is None else dgate.reshape(-1).to(torch.float64 if h.dtype == torch.float64
-                                                         else torch.float32).contiguous()
+    g2 = None if dgate is None else dgate.reshape(-1).to(_gate_dtype(h)).contiguous()
     if _use_kernel(h, rotation.shape[0]):
-        g = backward_2d(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold, deterministic)
+        g = backward_2d(h2, y2, g2, ag, rot, bias_ext, logit2, rows2, threshold, deterministic)
     else:
-        g = _torch_backward(h2, y2, g2, a_mat, rot, b, wg2, c2, logit2, rows2, threshold)
+        g = _torch_backward(h2, y2, g2, ag, rot, bias_ext, logit2, rows2, threshold)
     return (
         g["dh"].reshape(h.shape),
         g["dR"].to(rotation.dtype),
@@ -568,6 +581,11 @@ def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, thresh
         g["db"].to(bias.dtype).reshape(bias.shape),
         g,
     )
+
+
+def _gate_dtype(h: torch.Tensor) -> torch.dtype:
+    """The gate is fp32, float64 for float64 inputs (so gradcheck sees an exact gate)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("grun_fast::gated_loreft_fwd", mutates_args=())
@@ -610,10 +628,6 @@ def _op_logit_bwd(
                                        gate_threshold, deterministic)
     d_logit = g["dlogit"].to(gate_logit.dtype).reshape(gate_logit.shape)
     return dh, d_rot, d_w, d_b, d_logit
-
-
-def _gate_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 @_op_fwd.register_fake

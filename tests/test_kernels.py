@@ -156,26 +156,22 @@ def test_logit_gate_matches_float64(r):
 # ---- raw launchers: poisoned buffers, in place, determinism ----------------------------------------------
 
 
-def _folded(R, W, b, wg, c):
-    return (W - R).contiguous(), R.contiguous(), b, wg, c.reshape(1)
-
-
 def test_poisoned_buffers_are_fully_overwritten():
     n, d, r = 45, 100, 4
-    (h, R, W, b, wg, c) = make((n,), d, r, torch.bfloat16)
-    a_mat, rot, b, wg, c = _folded(R, W, b, wg, c)
+    h, R, W, b, wg, c = make((n,), d, r, torch.bfloat16)
+    ag, rot, bias = K.fold_parameters(R, W, b, wg, c)
     rows = (torch.rand(n) < 0.5).to(torch.int8)
     out = torch.full((n, d), float("nan"), dtype=h.dtype)
     gate = torch.full((n,), float("nan"))
-    K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None, out=out, gate=gate)
+    K.forward_2d(h, ag, rot, bias, None, rows, None, out=out, gate=gate)
     assert torch.isfinite(out.float()).all() and torch.isfinite(gate).all()
-    want_out, want_gate = K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None)
+    want_out, want_gate = K.forward_2d(h, ag, rot, bias, None, rows, None)
     assert torch.equal(out, want_out) and torch.equal(gate, want_gate)
 
     dout = torch.randn(n, d).to(h.dtype)
     dh = torch.full((n, d), float("nan"), dtype=h.dtype)
     for det in (False, True):
-        g = K.backward_2d(h, dout, None, a_mat, rot, b, wg, c, None, rows, None, deterministic=det, dh=dh)
+        g = K.backward_2d(h, dout, None, ag, rot, bias, None, rows, None, deterministic=det, dh=dh)
         assert g["dh"] is dh and torch.isfinite(dh.float()).all()
         assert all(torch.isfinite(g[k]).all() for k in ("dA", "dR", "db", "dwg", "dc"))
         dh.fill_(float("nan"))
@@ -184,13 +180,13 @@ def test_poisoned_buffers_are_fully_overwritten():
 def test_inplace_writes_only_edited_rows():
     n, d, r = 40, 64, 4
     h, R, W, b, wg, c = make((n,), d, r, torch.float32)
-    a_mat, rot, b, wg, c = _folded(R, W, b, wg, c)
+    ag, rot, bias = K.fold_parameters(R, W, b, wg, c)
     rows = torch.zeros(n, dtype=torch.int8)
     rows[3] = rows[17] = 1  # rows 32..39 (the last block) have no edit at all
-    want, want_gate = K.forward_2d(h, a_mat, rot, b, wg, c, None, rows, None)
+    want, want_gate = K.forward_2d(h, ag, rot, bias, None, rows, None)
     buf = h.clone()
     buf[~rows.bool()] = float("nan")  # in place must not touch these
-    out, gate = K.forward_2d(buf, a_mat, rot, b, wg, c, None, rows, None, out=buf, inplace=True)
+    out, gate = K.forward_2d(buf, ag, rot, bias, None, rows, None, out=buf, inplace=True)
     assert out is buf
     edited = rows.bool()
     assert torch.equal(buf[edited], want[edited])
