@@ -49,6 +49,15 @@ def tiny_llama(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def untrained_tiny(rows: Sequence[dict], hidden_size: int = 32, num_layers: int = 4, num_heads: int = 4,
+                   vocab_size: int = 400, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer): a random small Llama and a tokenizer trained on ``rows`` (for fast tests of the
+    training machinery, where what the model knows does not matter)."""
+    texts = [PLAIN_TEMPLATE.format(question=r.get("question", "")) + r["answer"] for r in rows]
+    tokenizer = make_tiny_tokenizer(texts, vocab_size)
+    return tiny_llama(tokenizer, hidden_size, num_layers, num_heads, seed=seed).eval(), tokenizer
+
+
 def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                     vocab_size: int = 1500, extra_texts: Sequence[str] = (), epochs: int = 60,
                     lr: float = 3e-3, batch_size: int = 10, stop_loss: float = 0.01, seed: int = 0,
@@ -141,5 +150,5 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
 
-__all__ = ["make_tiny_tokenizer", "tiny_llama", "train_tiny_base", "generate_answers", "rouge_l_recall",
+__all__ = ["make_tiny_tokenizer", "tiny_llama", "untrained_tiny", "train_tiny_base", "generate_answers", "rouge_l_recall",
            "row_prompt"]

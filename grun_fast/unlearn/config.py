@@ -1,0 +1,122 @@
+"""UnlearnConfig: every hyperparameter of a GRUN training run, validated at construction."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from grun_fast.config import GATES, POSITIONS, GRUNConfig
+from grun_fast.data.prompts import check_template
+from grun_fast.errors import GRUNError
+from grun_fast.unlearn.losses import DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, METHODS
+
+# Fractions of depth of the reference layers (20, 25, 31 of 32): ~62 %, 78 %, the last layer.
+DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The reference choice of layers scaled to a model of ``num_layers`` layers (e.g. [2, 3] for 4)."""
+    return sorted({min(num_layers - 1, int(f * num_layers)) for f in DEFAULT_DEPTHS})
+
+
+@dataclass
+class UnlearnConfig:
+    """Hyperparameters of one GRUN run (defaults: GRUN.md section 4).
+
+    layers: decoder layers to edit (None: ~62 %, 78 % and 100 % of depth, as in the reference code).
+    batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
+    epochs: passes over the forget set (max_steps, when set, wins).
+    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 100; idk, rmu: 1, 1).
+    weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
+    rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
+    save_steps: write a resumable checkpoint every N steps (None: none).
+    """
+
+    method: str = "gd"
+    layers: list[int] | None = None
+    rank: int = 4
+    gate: str = "linear"
+    positions: str = "last_prompt"
+    adapter_name: str = "default"
+    epochs: int = 40
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 4e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    lambda_r: float | None = None
+    lambda_g: float = 10.0
+    forget_scale: float | None = None
+    beta: float = 0.1
+    rmu_coefficient: float = 300.0
+    rmu_layer: int | None = None
+    template: str = "plain"
+    max_length: int = 256
+    seed: int = 0
+    save_steps: int | None = None
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    reference_batch_size: int = 32
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GRUNError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.layers is not None:
+            self.layers = GRUNConfig(layers=self.layers).layers  # integer check with the core's message
+        if self.gate not in GATES:
+            raise GRUNError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if self.positions not in POSITIONS:
+            raise GRUNError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
+        for name in ("epochs", "batch_size", "rank", "max_length", "logging_steps", "reference_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GRUNError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise GRUNError(f"{name} must be None or an integer >= 1, got {value!r}")
+        for name in ("lr", "beta", "rmu_coefficient"):
+            if not float(getattr(self, name)) > 0:
+                raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_grad_norm", "lambda_g"):
+            if float(getattr(self, name)) < 0:
+                raise GRUNError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GRUNError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
+            raise GRUNError(f"adapter_name must be a non-empty string without dots, got {self.adapter_name!r}")
+        try:
+            check_template(self.template)
+        except ValueError as e:
+            raise GRUNError(str(e)) from None
+        if self.lambda_r is None:
+            self.lambda_r = DEFAULT_LAMBDA_R[self.method]
+        if self.forget_scale is None:
+            self.forget_scale = DEFAULT_FORGET_SCALE[self.method]
+
+    def grun_config(self, num_layers: int) -> GRUNConfig:
+        """The adapter's GRUNConfig, layers resolved (and range-checked) for a model of ``num_layers``."""
+        layers = self.layers if self.layers is not None else default_layers(num_layers)
+        config = GRUNConfig(layers=layers, rank=self.rank, gate=self.gate, positions=self.positions)
+        return GRUNConfig(layers=config.resolve_layers(num_layers), rank=self.rank, gate=self.gate,
+                          positions=self.positions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "UnlearnConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise GRUNError(f"unknown UnlearnConfig fields {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "UnlearnConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,478 @@
+"""GRUN training on the Hugging Face ``Trainer`` (so accelerate / torchrun DDP work unchanged).
+
+One optimiser step = ``batch_size`` forget rows, each paired with a retain row, run as ONE forward of the
+frozen model with the adapter editing each row's last prompt token. Only the adapter's parameters train;
+the base model (and any adapter patched earlier, for sequential unlearning) stays frozen.
+
+Reproducibility: the forget order and the retain pairing are functions of (seed, position in the run)
+(``grun_fast.data.collate``), token means are taken over the whole global batch, and the adapter is
+initialised from the seed, so a resumed run and a run split over several processes reproduce the
+uninterrupted single-process run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from grun_fast.adapters import load_tensors, read_adapter_for, save_adapter
+from grun_fast.architectures import locate
+from grun_fast.data.collate import ForgetSchedule, PairedCollator
+from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
+from grun_fast.data.loading import validate_rows
+from grun_fast.data.prompts import row_prompt
+from grun_fast.data.refusals import with_refusals
+from grun_fast.errors import GRUNError
+from grun_fast.patching import _MODULES_ATTR, adapter_modules, adapter_names, edit_at, patch, unpatch
+from grun_fast.unlearn.config import UnlearnConfig
+from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, idk_forget_loss, masked_mse,
+                                      npo_loss, rmu_control_vector, token_mean_nll, total_loss)
+
+CONFIG_NAME = "unlearn_config.json"
+LOG_NAME = "training_log.json"
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+@dataclass
+class UnlearnResult:
+    """What ``unlearn`` hands back: the model (patched in place with the new adapter) and the run's record."""
+
+    model: nn.Module
+    adapter_name: str
+    config: UnlearnConfig
+    log_history: list[dict] = field(default_factory=list)
+    global_step: int = 0
+    train_seconds: float = 0.0
+    out: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def stack_pair(inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Forget rows then retain rows in one right-padded batch (one forward per step)."""
+    f_ids, r_ids = inputs["forget_input_ids"], inputs["retain_input_ids"]
+    width = max(f_ids.shape[1], r_ids.shape[1])
+
+    def widen(x: torch.Tensor, fill: int) -> torch.Tensor:
+        return nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+
+    pad = int(inputs["pad_token_id"]) if "pad_token_id" in inputs else 0
+    return {
+        "input_ids": torch.cat([widen(f_ids, pad), widen(r_ids, pad)]),
+        "attention_mask": torch.cat([widen(inputs["forget_attention_mask"], 0),
+                                     widen(inputs["retain_attention_mask"], 0)]),
+        "labels": torch.cat([widen(inputs["forget_labels"], IGNORE_INDEX),
+                             widen(inputs["retain_labels"], IGNORE_INDEX)]),
+        "edit_pos": torch.cat([inputs["forget_edit_pos"], inputs["retain_edit_pos"]]),
+        "n_forget": int(f_ids.shape[0]),
+        "forget_index": inputs["forget_index"],
+        "retain_index": inputs["retain_index"],
+    }
+
+
+def answer_span_mask(attention_mask: torch.Tensor, edit_pos: torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: the edited token and every real token after it (where the edit acts; used by RMU)."""
+    steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (steps[None, :] >= edit_pos[:, None]) & attention_mask.bool()
+
+
+@torch.no_grad()
+def reference_nll(model: nn.Module, examples: Sequence[Mapping[str, Any]], pad_token_id: int,
+                  batch_size: int = 32, device: torch.device | None = None) -> torch.Tensor:
+    """Summed answer NLL of each example under ``model`` as it is now ([N], fp32): NPO's S_ref.
+
+    Computed once before training, with any adapters already on the model applied at the last prompt
+    token (sequential unlearning: the reference is the model being unlearned, previous requests included).
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    patched = bool(adapter_names(model))
+    out = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad_examples(examples[i:i + batch_size], pad_token_id).items()}
+            if patched:
+                with edit_at(model, positions=batch["edit_pos"]):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits
+            out.append(answer_nll(logits, batch["labels"])[0].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class GRUNTrainer(Trainer):
+    """``Trainer`` with the GRUN objective; checkpoints hold only the adapter (plus optimiser state)."""
+
+    def __init__(self, *args: Any, grun_model: nn.Module, grun_config: UnlearnConfig,
+                 reference: torch.Tensor | None = None, pad_token_id: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.grun_model = grun_model          # the unwrapped model that carries the patch state
+        self.grun_config = grun_config
+        self.reference = reference            # NPO: S_ref per forget row
+        self.pad_token_id = pad_token_id
+        self.loss_is_scaled_for_ga = False
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._captured: torch.Tensor | None = None
+        self._hook = None
+        self.rmu_target: torch.Tensor | None = None
+        if grun_config.method == "rmu":
+            _, layers = locate(grun_model)
+            self.rmu_target = rmu_control_vector(int(grun_model.config.hidden_size), grun_config.rmu_coefficient,
+                                              grun_config.seed)
+            self._hook = layers[self.rmu_layer].register_forward_hook(self._capture)
+
+    @property
+    def rmu_layer(self) -> int:
+        n = len(locate(self.grun_model)[1])
+        layer = self.grun_config.rmu_layer
+        return n - 1 if layer is None else (layer + n if layer < 0 else layer)
+
+    def _capture(self, module, args, output):
+        self._captured = output[0] if isinstance(output, tuple) else output
+
+    def remove_hooks(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- data: the schedule is already shuffled, reproducibly; read it in order
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    # -- optimiser: AdamW; the rotation never decays (a decayed R collapsed to zero; GRUN.md section 8)
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            rotation, other = [], []
+            for module in adapter_modules(self.grun_model, self.grun_config.adapter_name).values():
+                for name, p in module.named_parameters():
+                    (rotation if name == "rotation" else other).append(p)
+            self.optimizer = torch.optim.AdamW(
+                [{"params": rotation, "weight_decay": 0.0},
+                 {"params": other, "weight_decay": self.grun_config.weight_decay}],
+                lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    # -- one step: the edit positions stay set for the forward and the backward
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        batch = stack_pair({**inputs, "pad_token_id": self.pad_token_id})
+        batch = self._prepare_inputs(batch)
+        with edit_at(self.grun_model, positions=batch["edit_pos"]):
+            return super().training_step(model, batch, num_items_in_batch)
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.grun_config
+        nf = int(inputs["n_forget"])
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        world = self.accelerator.num_processes
+        base_hidden = None
+        if cfg.method == "rmu":  # the retain rows' hidden states without this edit (no grad)
+            with torch.no_grad(), edit_at(self.grun_model, mask=torch.zeros_like(mask[nf:], dtype=torch.bool)):
+                model(input_ids=ids[nf:], attention_mask=mask[nf:], use_cache=False)
+            base_hidden = self._captured.detach()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = out.logits
+        modules = adapter_modules(self.grun_model, cfg.adapter_name)
+        gates = [m.last_gate for m in modules.values()]
+        if cfg.positions == "all":  # gates per token: supervise every real token
+            gf = [g[:nf][mask[:nf].bool()] for g in gates]
+            gr = [g[nf:][mask[nf:].bool()] for g in gates]
+        else:
+            gf, gr = [g[:nf] for g in gates], [g[nf:] for g in gates]
+
+        if cfg.method == "rmu":
+            span = answer_span_mask(mask, inputs["edit_pos"])
+            counts = self._global_sum(torch.stack([span[:nf].sum(), span[nf:].sum()]).float())
+            h = self._captured
+            forget = masked_mse(h[:nf], self.rmu_target.to(h.device), span[:nf]) * span[:nf].sum() / counts[0] * world
+            retain = masked_mse(h[nf:], base_hidden, span[nf:]) * span[nf:].sum() / counts[1] * world
+        else:
+            counts = self._global_sum(torch.stack([(labels[:nf, 1:] != IGNORE_INDEX).sum(),
+                                                   (labels[nf:, 1:] != IGNORE_INDEX).sum()]).float())
+            retain = token_mean_nll(logits[nf:], labels[nf:], counts[1] / world)
+            if cfg.method == "gd":
+                forget = gd_forget_loss(logits[:nf], labels[:nf], counts[0] / world)
+            elif cfg.method == "idk":
+                forget = idk_forget_loss(logits[:nf], labels[:nf], counts[0] / world)
+            else:  # npo
+                s = answer_nll(logits[:nf], labels[:nf])[0]
+                s_ref = self.reference.to(s.device)[inputs["forget_index"].to(s.device)]
+                forget = npo_loss(s, s_ref, cfg.beta)
+        gate = gate_bce(gf, gr)
+        loss = total_loss(forget, retain, gate, cfg.lambda_r, cfg.lambda_g, cfg.forget_scale)
+
+        bad = self._global_sum((~torch.isfinite(loss.detach())).float())
+        if bad.item() > 0:
+            last = self._last_checkpoint()
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.state.global_step + 1} (forget {forget.item():.4g}, "
+                f"retain {retain.item():.4g}, gate {gate.item():.4g}); stopped before applying it. "
+                + (f"Last good checkpoint: {last}" if last else "No checkpoint was written (set save_steps).")
+                + " Try a lower lr or forget_scale.")
+        with torch.no_grad():
+            parts = {"forget_loss": forget, "retain_loss": retain, "gate_loss": gate,
+                     "gate_forget": torch.cat([g.reshape(-1) for g in gf]).float().mean(),
+                     "gate_retain": torch.cat([g.reshape(-1) for g in gr]).float().mean()}
+            for k, v in parts.items():
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._count += 1
+        return (loss, out) if return_outputs else loss
+
+    def _last_checkpoint(self) -> str | None:
+        folder = self.args.output_dir
+        return get_last_checkpoint(folder) if self.grun_config.save_steps and os.path.isdir(folder) else None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            logs = {**logs, **{k: round(v / self._count, 5) for k, v in self._sums.items()}}
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+    # -- checkpoints: the adapter only (a checkpoint folder is itself a loadable adapter)
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        save_adapter(self.grun_model, output_dir, self.grun_config.adapter_name)
+        _write_text(Path(output_dir) / CONFIG_NAME, self.grun_config.to_json())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        config, tensors = read_adapter_for(self.grun_model, resume_from_checkpoint)
+        ours = adapter_modules(self.grun_model, self.grun_config.adapter_name)
+        if sorted(config.layers) != sorted(ours) or config.rank != next(iter(ours.values())).rank:
+            raise GRUNError(f"checkpoint {resume_from_checkpoint} holds an adapter for layers {config.layers}, "
+                            f"rank {config.rank}; this run trains layers {sorted(ours)}")
+        load_tensors(getattr(self.grun_model, _MODULES_ATTR)[self.grun_config.adapter_name], tensors)
+
+
+# ----------------------------------------------------------------------------------------------- API
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_writable(out: Path) -> None:
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise GRUNError(f"output folder {out}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise GRUNError(f"output folder {out} is not writable ({probe} does not allow writing)")
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return (row_prompt(row), row["answer"])
+
+
+def check_rows(forget_rows: Sequence[Mapping], retain_rows: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
+    """Validate both sets and their overlap (all before any work)."""
+    try:
+        forget = validate_rows(forget_rows, "forget set")
+        retain = validate_rows(retain_rows, "retain set")
+    except ValueError as e:
+        raise GRUNError(str(e)) from None
+    retain_keys = {_row_key(r) for r in retain}
+    shared = sum(_row_key(r) in retain_keys for r in forget)
+    if shared == len(forget):
+        raise GRUNError(f"every forget row ({shared}) is also in the retain set: the objective would ask the model "
+                        "to forget and keep the same answers. Remove the forget rows from the retain set")
+    if shared:
+        warnings.warn(f"{shared} of {len(forget)} forget rows also appear in the retain set", stacklevel=3)
+    return forget, retain
+
+
+def _resolve_resume(resume: bool | str | os.PathLike | None, ckpt_dir: Path | None) -> str | None:
+    if not resume:
+        return None
+    if resume is True:
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+        if last is None:
+            raise GRUNError(f"resume=True but there is no checkpoint under {ckpt_dir}")
+        return last
+    path = Path(resume)
+    if not path.is_dir():
+        raise GRUNError(f"checkpoint to resume from not found: {path}")
+    return str(path)
+
+
+def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], retain_rows: Sequence[Mapping],
+            method: str = "gd", layers: Sequence[int] | None = None, *, out: str | os.PathLike | None = None,
+            config: UnlearnConfig | None = None, resume: bool | str | os.PathLike | None = None,
+            **overrides: Any) -> UnlearnResult:
+    """Train a GRUN adapter that makes ``model`` forget ``forget_rows`` while keeping ``retain_rows``.
+
+    The model is patched in place with a new adapter (``config.adapter_name``); the base weights and any
+    adapter already on the model stay frozen (a second request on an unlearned model = sequential
+    unlearning). ``out``: folder for the final adapter (``adapter_config.json``, ``adapter_model.safetensors``,
+    ``unlearn_config.json``, ``training_log.json``) and, with ``save_steps``, ``checkpoints/``.
+    ``resume``: True (latest checkpoint under ``out``) or a checkpoint folder. Other keyword arguments
+    override ``UnlearnConfig`` fields (lr=..., epochs=..., ...).
+
+    Bad input raises ``GRUNError`` before anything is touched; on any failure during training the new
+    adapter is removed again and the model is left as it was (checkpoints already written stay).
+    """
+    if config is None:
+        config = UnlearnConfig(method=method, layers=list(layers) if layers is not None else None, **overrides)
+    elif overrides or method != "gd" or layers is not None:
+        extra = dict(overrides)
+        if method != "gd":
+            extra["method"] = method
+        if layers is not None:
+            extra["layers"] = list(layers)
+        config = UnlearnConfig.from_dict({**config.to_dict(), **extra})
+    # ---- validation: nothing is modified before all of it passes
+    forget_rows, retain_rows = check_rows(forget_rows, retain_rows)
+    _, decoder_layers = locate(model)
+    num_layers = len(decoder_layers)
+    grun_config = config.grun_config(num_layers)
+    if config.adapter_name in adapter_names(model):
+        raise GRUNError(f"the model already has an adapter named {config.adapter_name!r}; pick another "
+                        "adapter_name for a new unlearning request")
+    if config.method == "rmu" and config.rmu_layer is not None:
+        r = config.rmu_layer + num_layers if config.rmu_layer < 0 else config.rmu_layer
+        if not 0 <= r < num_layers:
+            raise GRUNError(f"rmu_layer {config.rmu_layer} is out of range for {num_layers} decoder layers")
+        if r < min(grun_config.layers):
+            raise GRUNError(f"rmu_layer {config.rmu_layer} lies below every edited layer {grun_config.layers}: "
+                            "the edit could not move it")
+    try:
+        pad_id = pad_token_id_of(tokenizer)
+    except ValueError as e:
+        raise GRUNError(str(e)) from None
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_writable(out)
+    ckpt_dir = out / CHECKPOINTS if out is not None else None
+    if config.save_steps and out is None:
+        raise GRUNError("save_steps needs an output folder (out=...) for the checkpoints")
+    resume_from = _resolve_resume(resume, ckpt_dir)
+    if resume_from is not None and (Path(resume_from) / CONFIG_NAME).is_file():
+        saved = json.loads((Path(resume_from) / CONFIG_NAME).read_text())
+        ignore = {"progress", "save_steps", "logging_steps"}
+        diff = sorted(k for k in saved if k not in ignore and saved[k] != config.to_dict().get(k))
+        if diff:
+            raise GRUNError(f"checkpoint {resume_from} was trained with different settings ({', '.join(diff)}); "
+                            "resume with the same configuration")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:
+        raise GRUNError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+
+    # ---- data
+    try:
+        if config.method == "idk":
+            forget_rows = with_refusals(forget_rows, seed=config.seed)
+        forget_ex = encode_rows(tokenizer, forget_rows, config.template, config.max_length)
+        retain_ex = encode_rows(tokenizer, retain_rows, config.template, config.max_length)
+    except ValueError as e:
+        raise GRUNError(f"could not tokenise the data: {e}") from None
+    steps = config.max_steps or math.ceil(config.epochs * len(forget_ex) / config.batch_size)
+    schedule = ForgetSchedule(forget_ex, epochs=math.ceil(steps * config.batch_size / len(forget_ex)),
+                              seed=config.seed)
+    schedule.order = schedule.order[: steps * config.batch_size]
+    collator = PairedCollator(retain_ex, pad_id, seed=config.seed)
+
+    use_ckpt_dir = ckpt_dir is not None and bool(config.save_steps or resume_from)
+    scratch = None if use_ckpt_dir else tempfile.mkdtemp(prefix="grun-unlearn-")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir) if use_ckpt_dir else scratch,
+        per_device_train_batch_size=config.batch_size // world, max_steps=steps, num_train_epochs=1,
+        learning_rate=config.lr, weight_decay=config.weight_decay, lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        report_to="none", remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
+        disable_tqdm=not config.progress, dataloader_num_workers=0, dataloader_pin_memory=False,
+        ddp_backend=("gloo" if not torch.cuda.is_available() else None) if world > 1 else None,
+        ddp_find_unused_parameters=False,
+        logging_first_step=True)
+    device = args.device
+    if args.n_gpu > 1:  # one process, several GPUs: train on one (DataParallel would split the edit positions)
+        args._n_gpu = 1
+
+    # ---- training (the model is modified from here on; undone on failure)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    checkpointing = False
+    trainer = None
+    t0 = time.perf_counter()
+    try:
+        model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        reference = None
+        if config.method == "npo":
+            reference = reference_nll(model, forget_ex, pad_id, config.reference_batch_size, device)
+        torch.manual_seed(config.seed)
+        patch(model, grun_config, config.adapter_name)
+        for p in (p for m in adapter_modules(model, config.adapter_name).values() for p in m.parameters()):
+            p.requires_grad_(True)
+        if config.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(**({"activation_checkpointing_kwargs": {"use_reentrant": False}}
+                      if enable.__name__ == "activation_checkpointing_enable"
+                      else {"gradient_checkpointing_kwargs": {"use_reentrant": False}}))
+            model.enable_input_require_grads()
+            checkpointing = True
+        trainer = GRUNTrainer(model=model, args=args, train_dataset=schedule, data_collator=collator,
+                              grun_model=model, grun_config=config, reference=reference, pad_token_id=pad_id)
+        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.accelerator.wait_for_everyone()
+        seconds = time.perf_counter() - t0
+        if out is not None and trainer.args.should_save:
+            save_adapter(model, out, config.adapter_name)
+            _write_text(out / CONFIG_NAME, config.to_json())
+            _write_text(out / LOG_NAME, json.dumps(trainer.state.log_history, indent=1) + "\n")
+        trainer.accelerator.wait_for_everyone()
+    except BaseException:
+        if config.adapter_name in adapter_names(model):
+            unpatch(model, config.adapter_name)
+        raise
+    finally:
+        if trainer is not None:
+            trainer.remove_hooks()
+        if checkpointing:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if hasattr(model, "disable_input_require_grads"):
+                model.disable_input_require_grads()
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return UnlearnResult(model=model, adapter_name=config.adapter_name, config=config,
+                         log_history=list(trainer.state.log_history), global_step=trainer.state.global_step,
+                         train_seconds=seconds, out=out)

@@ -1,0 +1,275 @@
+"""The GRUN trainer on a random tiny Llama: what trains, what stays frozen, checkpoints, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+import grun_fast
+from grun_fast import GRUNError
+from grun_fast.data import make_authors, split_by_author, tokenize_rows
+from grun_fast.testing import untrained_tiny
+from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
+from grun_fast.unlearn import trainer as trainer_module
+
+FAST = dict(batch_size=4, progress=False, logging_steps=1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rows = make_authors(4, 6, seed=1)
+    return split_by_author(rows, forget_authors=1, seed=0)
+
+
+@pytest.fixture()
+def tiny(data):
+    forget, retain = data
+    return untrained_tiny(forget + retain, hidden_size=32, num_layers=4, seed=0)
+
+
+def adapter_state(model, name="default"):
+    return {f"{i}.{k}": v.detach().clone() for i, m in grun_fast.adapter_modules(model, name).items()
+            for k, v in m.state_dict().items()}
+
+
+def logits_with_edit(model, tok, rows):
+    batch = tokenize_rows(tok, rows)
+    with torch.no_grad(), grun_fast.edit_at(model, positions=batch["edit_pos"]):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_default_layers_follow_reference_depths():
+    assert default_layers(32) == [20, 25, 31]
+    assert default_layers(4) == [2, 3]
+    assert default_layers(1) == [0]
+
+
+def test_config_validation():
+    assert UnlearnConfig(method="gd").lambda_r == 2.0 and UnlearnConfig(method="npo").forget_scale == 100.0
+    for bad in (dict(method="sgd"), dict(lr=0), dict(batch_size=0), dict(epochs=1.5), dict(template="x"),
+                dict(gate="conv"), dict(adapter_name=""), dict(layers=["a"]), dict(max_steps=0)):
+        with pytest.raises(GRUNError):
+            UnlearnConfig(**bad)
+
+
+def test_training_moves_only_the_adapter_and_keeps_R_orthonormal(tiny, data, tmp_path):
+    model, tok = tiny
+    forget, retain = data
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.manual_seed(0)
+    result = unlearn(model, tok, forget, retain, method="gd", layers=[1, 3], max_steps=6, out=tmp_path / "a",
+                     weight_decay=0.01, **FAST)
+    assert result.global_step == 6 and result.model is model
+    modules = grun_fast.adapter_modules(model)
+    assert sorted(modules) == [1, 3]
+    fresh = grun_fast.GRUNConfig(layers=[1, 3])
+    torch.manual_seed(0)  # the same initial adapter the run started from
+    init = grun_fast.patch(untrained_tiny(forget + retain, 32, 4, seed=0)[0], fresh)
+    for index, module in modules.items():
+        R = module.orthonormal_rotation()
+        assert torch.allclose(R @ R.T, torch.eye(R.shape[0]), atol=1e-5)
+        assert module.rotation.norm() > 0.5                   # R did not collapse (GRUN.md section 8)
+        start = grun_fast.adapter_modules(init)[index]
+        assert not torch.allclose(module.rotation, start.rotation)   # R trained
+        assert not torch.allclose(module.weight, start.weight)
+    state = {k: v for k, v in model.state_dict().items() if "grun" not in k}
+    assert state.keys() == base.keys() and all(torch.equal(state[k], base[k]) for k in base)
+    n_base = len(flags)
+    assert [p.requires_grad for p in list(model.parameters())[:n_base]] == flags
+    # the folder holds a loadable adapter plus the run's record
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "training_log.json", "unlearn_config.json"]
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert {"forget_loss", "retain_loss", "gate_loss", "gate_forget", "gate_retain"} <= set(log[0])
+    other = untrained_tiny(forget + retain, 32, 4, seed=0)[0]
+    grun_fast.patch(other, tmp_path / "a")
+    assert torch.allclose(logits_with_edit(other, tok, forget), logits_with_edit(model, tok, forget), atol=1e-5)
+
+
+def test_optimizer_never_decays_rotation(tiny, data):
+    model, tok = tiny
+    forget, retain = data
+    seen = {}
+    original = trainer_module.GRUNTrainer.create_optimizer
+
+    def spy(self, model=None):
+        opt = original(self, model)
+        seen["groups"] = [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
+        seen["rotation"] = {id(m.rotation) for m in grun_fast.adapter_modules(self.grun_model).values()}
+        seen["first"] = {id(p) for p in opt.param_groups[0]["params"]}
+        return opt
+    trainer_module.GRUNTrainer.create_optimizer = spy
+    try:
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, weight_decay=0.1, **FAST)
+    finally:
+        trainer_module.GRUNTrainer.create_optimizer = original
+    assert seen["groups"] == [(1, 0.0), (4, 0.1)] and seen["first"] == seen["rotation"]
+
+
+@pytest.mark.parametrize("method", ["npo", "idk", "rmu"])
+def test_other_methods_train(tiny, data, method):
+    model, tok = tiny
+    forget, retain = data
+    result = unlearn(model, tok, forget, retain, method=method, layers=[2, 3], max_steps=3, **FAST)
+    losses = [h for h in result.log_history if "forget_loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(h["loss"])) for h in losses)
+
+
+def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypatch):
+    model, tok = tiny
+    forget, retain = data
+    calls = []
+    real = trainer_module.reference_nll
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+    monkeypatch.setattr(trainer_module, "reference_nll", counting)
+    batch = tokenize_rows(tok, forget)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = trainer_module.answer_nll(logits, batch["labels"])[0]
+    unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, **FAST)
+    assert len(calls) == 1 and torch.allclose(calls[0], expected, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(data):
+    forget, retain = data
+    states = []
+    for checkpointing in (False, True):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        unlearn(model, tok, forget, retain, layers=[1, 2], max_steps=3, gradient_checkpointing=checkpointing,
+                **FAST)
+        states.append(adapter_state(model))
+        assert not getattr(model, "is_gradient_checkpointing", False)
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data, tmp_path, monkeypatch):
+    forget, retain = data
+    model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+    unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, **FAST)
+    whole = adapter_state(model)
+
+    model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+    real = trainer_module.gate_bce
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 5 else value
+    monkeypatch.setattr(trainer_module, "gate_bce", failing)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step 5 .*checkpoint-4"):
+        unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, **FAST)
+    assert grun_fast.adapter_names(model) == []            # the failed adapter is removed again
+    assert not (out / "adapter_config.json").exists()      # no final adapter written
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr(trainer_module, "gate_bce", real)
+    result = unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, resume=True,
+                     **FAST)
+    assert result.global_step == 6
+    resumed = adapter_state(model)
+    for k in whole:
+        assert torch.allclose(whole[k], resumed[k], atol=1e-6), k
+    with pytest.raises(GRUNError, match="different settings"):
+        unlearn(untrained_tiny(forget + retain, 32, 4)[0], tok, forget, retain, layers=[1, 3], max_steps=6,
+                lr=1e-3, out=out, resume=out / "checkpoints" / "checkpoint-4", **FAST)
+
+
+def test_sequential_requests_stack_save_and_load(data, tmp_path):
+    forget, retain = data
+    rows2 = make_authors(4, 6, seed=1)
+    second_author = sorted({r["author"] for r in retain})[0]
+    forget2 = [r for r in retain if r["author"] == second_author]
+    retain2 = [r for r in retain if r["author"] != second_author]
+    model, tok = untrained_tiny(rows2, 32, 4, seed=0)
+    unlearn(model, tok, forget, retain, layers=[2, 3], max_steps=3, out=tmp_path / "first",
+            adapter_name="first", **FAST)
+    first_before = adapter_state(model, "first")
+    unlearn(model, tok, forget2, retain2, layers=[1, 3], max_steps=3, out=tmp_path / "second",
+            adapter_name="second", **FAST)
+    assert grun_fast.adapter_names(model) == ["first", "second"]
+    first_after = adapter_state(model, "first")
+    assert all(torch.equal(first_before[k], first_after[k]) for k in first_before)  # frozen during request 2
+    with pytest.raises(GRUNError, match="already has an adapter named 'second'"):
+        unlearn(model, tok, forget2, retain2, layers=[1], max_steps=1, adapter_name="second", **FAST)
+    fresh = untrained_tiny(rows2, 32, 4, seed=0)[0]
+    grun_fast.patch(fresh, tmp_path / "first", name="first")
+    grun_fast.patch(fresh, tmp_path / "second", name="second")
+    rows = forget + forget2 + retain2[:3]
+    assert torch.allclose(logits_with_edit(fresh, tok, rows), logits_with_edit(model, tok, rows), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ bad input
+def assert_untouched(model, out):
+    assert grun_fast.adapter_names(model) == []
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty_forget", "forget set: no rows"),
+    ("missing_answer", "forget set: row 1 has no non-empty string 'answer'"),
+    ("overlap", "every forget row .* is also in the retain set"),
+    ("layer_range", "layer index 9 is out of range"),
+    ("rmu_layer", "rmu_layer 0 lies below"),
+    ("batch_world", "not divisible"),
+    ("save_no_out", "save_steps needs an output folder"),
+    ("resume_missing", "no checkpoint"),
+])
+def test_bad_input_fails_before_any_work(tiny, data, tmp_path, monkeypatch, case, match):
+    model, tok = tiny
+    forget, retain = data
+    out = tmp_path / "out"
+    kwargs = dict(layers=[2], max_steps=2, out=out, **FAST)
+    if case == "empty_forget":
+        forget = []
+    elif case == "missing_answer":
+        forget = [forget[0], {"question": "Who?"}]
+    elif case == "overlap":
+        retain = retain + forget
+    elif case == "layer_range":
+        kwargs["layers"] = [9]
+    elif case == "rmu_layer":
+        kwargs.update(method="rmu", layers=[2], rmu_layer=0)
+    elif case == "batch_world":
+        monkeypatch.setenv("WORLD_SIZE", "3")
+    elif case == "save_no_out":
+        kwargs.update(out=None, save_steps=1)
+    elif case == "resume_missing":
+        kwargs["resume"] = True
+    with pytest.raises(GRUNError, match=match):
+        unlearn(model, tok, forget, retain, **kwargs)
+    assert_untouched(model, out)
+
+
+def test_unsupported_model_and_unwritable_output(tiny, data, tmp_path, monkeypatch):
+    model, tok = tiny
+    forget, retain = data
+    model.config.model_type = "bert"
+    with pytest.raises(GRUNError, match="unsupported model_type 'bert'"):
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, **FAST)
+    model.config.model_type = "llama"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(GRUNError, match="is not a folder"):
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, out=blocker / "sub", **FAST)
+    monkeypatch.setattr(trainer_module.os, "access", lambda path, mode: False)
+    with pytest.raises(GRUNError, match="not writable"):
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, out=tmp_path / "ro", **FAST)
+    assert_untouched(model, tmp_path / "ro")
+    assert blocker.read_text() == "x"
+
+
+def test_nan_loss_names_the_step(tiny, data, tmp_path, monkeypatch):
+    model, tok = tiny
+    forget, retain = data
+    monkeypatch.setattr(trainer_module, "gate_bce", lambda f, r: torch.tensor(float("nan")))
+    with pytest.raises(TrainingDiverged, match="step 1 .*No checkpoint was written"):
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=3, out=tmp_path / "o", **FAST)
+    assert_untouched(model, tmp_path / "o" / "adapter_config.json")
+    assert grun_fast.adapter_names(model) == []
