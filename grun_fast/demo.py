@@ -1,0 +1,346 @@
+"""Train and evaluate GRUN end to end on built-in data (start here).
+
+The whole story on a laptop CPU: a data set of fictitious authors (or TOFU with --data), a tiny base model
+that memorised it and a retain model that never saw the forget author (both cached), a GRUN adapter
+trained on the forget split, then the TOFU evaluation of base, retain model and base + GRUN, printed as a
+before/after table with sample generations and written to report.json, report.md and report.png.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grun_fast.errors import GRUNError
+from grun_fast.version import __version__
+
+# What the demo promises (issue: the printed table must show these).
+THRESHOLDS = {
+    "forget_rouge_drop": 0.5,   # forget ROUGE-L of base+GRUN at least this much below the base's
+    "retain_rouge_delta": 0.05,  # retain ROUGE-L of base+GRUN within this of the base's
+    "gate_forget_min": 0.9,
+    "gate_retain_max": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one demo run; `quick` is the CI smoke-test size."""
+
+    authors: int = 10
+    questions_per_author: int = 10
+    tofu_retain_rows: int = 80
+    tofu_knowledge_rows: int = 20
+    hidden_size: int = 128
+    num_layers: int = 4
+    base_epochs: int = 60
+    unlearn_steps: int = 120
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+QUICK = Plan(authors=6, questions_per_author=10, tofu_retain_rows=40, tofu_knowledge_rows=10, base_epochs=60,
+             unlearn_steps=100, max_new_tokens=40)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="grun_demo", help="folder for report.json, report.md, report.png (default: ./grun_demo)")
+    parser.add_argument("--data", default=None,
+                        help="TOFU folder (e.g. ../shared/data/tofu) or 'locuslab/TOFU'; default: built-in fictitious authors")
+    parser.add_argument("--method", default="gd", choices=["gd", "npo", "idk"], help="unlearning loss (default gd)")
+    parser.add_argument("--cache", default=None,
+                        help="folder caching the trained base and retain models (default: $GRUN_FAST_CACHE or ~/.cache/grun_fast)")
+    parser.add_argument("--quick", action="store_true", help="a smaller run (CI smoke test)")
+    parser.add_argument("--check", action="store_true", help="exit with status 1 when the table misses a promised threshold")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = QUICK if args.quick else Plan()
+    plan = Plan(**{**asdict(plan), "seed": args.seed})
+    out = Path(args.out)
+    cache = Path(args.cache or os.environ.get("GRUN_FAST_CACHE") or Path.home() / ".cache" / "grun_fast")
+    for folder in (out, cache):
+        _check_writable(folder)
+    torch.manual_seed(plan.seed)
+    started = time.perf_counter()
+
+    _say(f"[1/4] data: {'TOFU from ' + args.data if args.data else 'built-in fictitious authors'}")
+    data = build_data(args.data, plan)
+    _say(f"      forget {len(data['forget'])} rows ({data['forget_label']}), retain {len(data['retain'])}, "
+         f"world facts {len(data['world_facts'])}, real authors {len(data['real_authors'])}")
+
+    _say("[2/4] base model (memorises everything) and retain model (never sees the forget rows)")
+    base, tokenizer = cached_model(cache, "base", data["train_base"], plan)
+    retain_model, _ = cached_model(cache, "retain", data["train_retain"], plan, tokenizer=tokenizer)
+
+    _say(f"[3/4] GRUN adapter, gated {args.method.upper()}, on the forget split")
+    from grun_fast.unlearn.trainer import unlearn
+
+    adapter_dir = out / "adapter"
+    result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
+                     max_steps=plan.unlearn_steps, seed=plan.seed, progress=True)
+    _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
+
+    _say("[4/4] TOFU evaluation of base, retain model and base + GRUN")
+    from grun_fast import patching
+
+    splits = data["eval_splits"]
+    evals = {}
+    evals["retain_model"] = _evaluate(retain_model, tokenizer, splits, None, plan, "retain model")
+    retain_ratios = [r["truth_ratio"] for r in evals["retain_model"]["splits"]["forget"]["rows"]]
+    evals["retain_model"]["forget_quality"] = {"forget": 1.0}  # the reference distribution itself
+    with _adapters_off(base, patching):
+        evals["base"] = _evaluate(base, tokenizer, splits, retain_ratios, plan, "base")
+    evals["grun"] = _evaluate(base, tokenizer, splits, retain_ratios, plan, "base + GRUN")
+
+    report = build_report(evals, data, args, plan, time.perf_counter() - started)
+    paths = write_report(report, evals, out)
+    print()
+    print(render_table(report))
+    print()
+    print(render_samples(report))
+    _say(f"\nwrote {', '.join(str(p) for p in paths)} in {report['seconds']:.0f} s")
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    if failed:
+        _say(f"thresholds missed: {', '.join(failed)}")
+        return 1 if args.check else 0
+    _say("all demo thresholds met")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- data
+def build_data(data: str | None, plan: Plan) -> dict[str, Any]:
+    """Training rows for the base and retain models, the forget/retain rows for GRUN, the eval splits."""
+    if data is None:
+        from grun_fast.data.synthetic import make_benchmark
+
+        bench = make_benchmark(plan.authors, plan.questions_per_author, forget_authors=1, seed=plan.seed)
+        forget, retain = bench["forget"], bench["retain"]
+        knowledge = {k: bench[k] for k in ("world_facts", "real_authors")}
+        label = f"author {forget[0]['author']}"
+    else:
+        from grun_fast.evaluation.splits import tofu_eval_splits
+
+        tofu = tofu_eval_splits(data, "forget01")
+        forget = tofu["forget01"]
+        rng = random.Random(plan.seed)
+        retain = rng.sample(tofu["retain"], min(plan.tofu_retain_rows, len(tofu["retain"])))
+        knowledge = {k: rng.sample(tofu[k], min(plan.tofu_knowledge_rows, len(tofu[k]))) for k in ("world_facts", "real_authors")}
+        label = "TOFU forget01"
+    knowledge_rows = [r for rows in knowledge.values() for r in rows]
+    eval_splits = {"forget": forget, "retain": retain, **knowledge}
+    return {
+        "forget": forget, "retain": retain, **knowledge, "forget_label": label,
+        "train_base": forget + retain + knowledge_rows,
+        "train_retain": retain + knowledge_rows,
+        "eval_splits": eval_splits,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- models
+def cached_model(cache: Path, role: str, rows: list[dict], plan: Plan, tokenizer: Any = None) -> tuple[Any, Any]:
+    """Train a tiny Llama on `rows` (or load it from the cache); the tokenizer is cached with the base."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from grun_fast.testing import train_tiny_base
+
+    key = hashlib.sha256(json.dumps({
+        "rows": rows, "plan": [plan.hidden_size, plan.num_layers, plan.base_epochs, plan.seed],
+        "tokenizer": None if tokenizer is None else tokenizer.backend_tokenizer.to_str(), "version": __version__,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache / f"demo-{role}-{key}"
+    if (folder / "config.json").exists():
+        _say(f"      {role}: cached at {folder}")
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = tokenizer or PreTrainedTokenizerFast.from_pretrained(folder)
+        return model, tok
+    start = time.perf_counter()
+    model, tok = train_tiny_base(rows, hidden_size=plan.hidden_size, num_layers=plan.num_layers,
+                                 epochs=plan.base_epochs, seed=plan.seed, tokenizer=tokenizer, progress=True,
+                                 desc=f"      {role} model")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
+    try:
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
+    _say(f"      {role}: trained on {len(rows)} rows in {time.perf_counter() - start:.1f} s, cached at {folder}")
+    return model, tok
+
+
+class _adapters_off:
+    """Temporarily take every adapter off a model (to evaluate the base), then put them back exactly."""
+
+    def __init__(self, model, patching) -> None:
+        self.model, self.patching = model, patching
+
+    def __enter__(self):
+        self.saved = [(n, self.patching.adapter_config(self.model, n), self.model.grun_adapters[n].state_dict())
+                      for n in self.patching.adapter_names(self.model)]
+        self.patching.unpatch(self.model)
+
+    def __exit__(self, *exc):
+        for name, config, state in self.saved:
+            self.patching.patch(self.model, config, name=name)
+            self.model.grun_adapters[name].load_state_dict(state)
+
+
+def _evaluate(model, tokenizer, splits, retain_ratios, plan: Plan, label: str) -> dict[str, Any]:
+    from grun_fast.evaluation import evaluate
+
+    _say(f"      {label}")
+    return evaluate(model, tokenizer, splits, retain_truth_ratios=retain_ratios, batch_size=32,
+                    max_new_tokens=plan.max_new_tokens, progress=True)
+
+
+# ----------------------------------------------------------------------------------------------- report
+COLUMNS = (("base", "base"), ("retain_model", "retain model"), ("grun", "base + GRUN"))
+
+
+def _gate(split: dict) -> float | None:
+    values = [v for layers in split["gate"].values() for v in layers.values()]
+    return sum(values) / len(values) if values else None
+
+
+def build_report(evals: dict, data: dict, args: argparse.Namespace, plan: Plan, seconds: float) -> dict[str, Any]:
+    table = {}
+    for key, _ in COLUMNS:
+        ev = evals[key]
+        splits = ev["splits"]
+        table[key] = {
+            "forget_rouge_l": splits["forget"]["rouge_l"],
+            "retain_rouge_l": splits["retain"]["rouge_l"],
+            "forget_quality": ev["forget_quality"].get("forget"),
+            "model_utility": ev["model_utility"],
+            "gate_forget": _gate(splits["forget"]),
+            "gate_retain": _gate(splits["retain"]),
+            "gate_paraphrased": _gate(splits["forget"]["paraphrased_question"]),
+            "paraphrased_rouge_l": splits["forget"]["paraphrased_question"]["rouge_l"],
+        }
+    base, grun = table["base"], table["grun"]
+    checks = {
+        "forget ROUGE-L falls by >= 0.5": base["forget_rouge_l"] - grun["forget_rouge_l"] >= THRESHOLDS["forget_rouge_drop"],
+        "retain ROUGE-L within 0.05 of base": abs(base["retain_rouge_l"] - grun["retain_rouge_l"]) <= THRESHOLDS["retain_rouge_delta"],
+        "mean gate on forget >= 0.9": grun["gate_forget"] >= THRESHOLDS["gate_forget_min"],
+        "mean gate on retain <= 0.1": grun["gate_retain"] <= THRESHOLDS["gate_retain_max"],
+        "forget quality above the base's": grun["forget_quality"] > base["forget_quality"],
+    }
+    samples = {}
+    for split, count in (("forget", 3), ("retain", 3)):
+        rows = []
+        for i in range(min(count, len(evals["base"]["splits"][split]["rows"]))):
+            before, after = evals["base"]["splits"][split]["rows"][i], evals["grun"]["splits"][split]["rows"][i]
+            rows.append({"question": before["question"], "answer": before["answer"],
+                         "before": before["generation"], "after": after["generation"]})
+        samples[split] = rows
+    return {
+        "command": "grun-fast demo" + (f" --data {args.data}" if args.data else "") + f" --method {args.method}"
+                   + (" --quick" if args.quick else ""),
+        "data": data["forget_label"], "method": args.method, "plan": asdict(plan), "table": table,
+        "checks": checks, "samples": samples, "seconds": seconds, "library_version": __version__,
+    }
+
+
+_ROWS = (
+    ("forget ROUGE-L", "forget_rouge_l"), ("retain ROUGE-L", "retain_rouge_l"),
+    ("forget quality (KS p)", "forget_quality"), ("model utility", "model_utility"),
+    ("mean gate: forget", "gate_forget"), ("mean gate: retain", "gate_retain"),
+    ("mean gate: paraphrased forget q.", "gate_paraphrased"), ("paraphrased forget q. ROUGE-L", "paraphrased_rouge_l"),
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.3f}"
+
+
+def render_table(report: dict[str, Any], markdown: bool = False) -> str:
+    header = ["metric"] + [label for _, label in COLUMNS]
+    rows = [[name] + [_fmt(report["table"][key][field]) for key, _ in COLUMNS] for name, field in _ROWS]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in report["checks"].items()]
+    return "\n".join(lines)
+
+
+def render_samples(report: dict[str, Any]) -> str:
+    lines = []
+    for split, title in (("forget", "forgotten author"), ("retain", "retained author")):
+        lines.append(f"Sample generations, {title}:")
+        for s in report["samples"][split]:
+            lines += [f"  Q: {s['question']}", f"     truth:  {s['answer']}", f"     before: {s['before'].strip()}",
+                      f"     after:  {s['after'].strip()}"]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], evals: dict, out: Path) -> list[Path]:
+    from grun_fast.evaluation.report import write_json, write_run, write_text
+
+    for key, label in COLUMNS:  # full evaluations, readable by `grun-fast compare`
+        write_run({"meta": {"label": label}, "metrics": evals[key]}, out / "runs" / key)
+    md = [f"# grun-fast demo: {report['data']}, gated {report['method'].upper()}", "",
+          f"`{report['command']}` ({report['seconds']:.0f} s)", "", render_table(report, markdown=True), "",
+          "```", render_samples(report), "```", ""]
+    return [write_json(report, out / "report.json"), write_text("\n".join(md), out / "report.md"),
+            plot_report(report, out / "report.png")]
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: each metric of the table for base, retain model and base + GRUN."""
+    from grun_fast.evaluation.report import _pyplot, _save_figure
+
+    plt = _pyplot()
+    fields = [f for f in _ROWS if f[1] != "forget_quality"]
+    fig, (ax, ax_fq) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [5, 1]})
+    width = 0.8 / len(COLUMNS)
+    for k, (key, label) in enumerate(COLUMNS):
+        values = [report["table"][key][f] or 0.0 for _, f in fields]
+        ax.bar([i + (k - 1) * width for i in range(len(fields))], values, width, label=label)
+        fq = report["table"][key]["forget_quality"]
+        ax_fq.bar([k], [max(fq or 0.0, 1e-12)], label=label)
+    ax.set_xticks(range(len(fields)), [name for name, _ in fields], rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(f"grun-fast demo: {report['data']}, gated {report['method'].upper()}")
+    ax_fq.set_yscale("log")
+    ax_fq.set_xticks(range(len(COLUMNS)), [label for _, label in COLUMNS], rotation=25, ha="right", fontsize=8)
+    ax_fq.set_title("forget quality (KS p)")
+    return _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise GRUNError(f"cannot write to {folder}: {error.strerror or error}") from None
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
