@@ -112,8 +112,10 @@ def _fwd_kernel(
         todo = m_mask
     n_todo = tl.reduce(todo.to(tl.int32), 0, _sum_combine)
     if n_todo > 0:
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
+        # last tile first: the tiles pass 1 read most recently are the likeliest to be still in L2
+        n_tiles = (d + BLOCK_D - 1) // BLOCK_D
+        for t in range(0, n_tiles):
+            offs_d = (n_tiles - 1 - t) * BLOCK_D + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             ld_mask = m_mask[:, None] & d_mask[None, :]
             h_raw = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0)
@@ -218,8 +220,10 @@ def _bwd_kernel(
         sp_t = tl.trans(sp)
 
         # pass 2: dh = y + [dp | da] @ [A; w_g];  G1 += [dp | da]^T h,  G2 += (s p)^T y
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
+        # (last tile first: the tiles pass 1 read most recently are the likeliest to be still in L2)
+        n_tiles = (d + BLOCK_D - 1) // BLOCK_D
+        for t in range(0, n_tiles):
+            offs_d = (n_tiles - 1 - t) * BLOCK_D + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             ld_mask = m_mask[:, None] & d_mask[None, :]
             h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=ld_mask, other=0.0).to(tl.float32)
@@ -299,24 +303,35 @@ def _precision(h: torch.Tensor) -> str:
     return "tf32x3" if h.dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(n: int, d: int) -> tuple[int, int, int]:
+def _tile_d(d: int, rp: int, widest: int, warps: int, per_thread: int) -> int:
+    """BLOCK_D: at most `widest`, and small enough that an [RP, BLOCK_D] fp32 weight tile stays within
+    `per_thread` registers per thread (wide ranks get narrow d tiles instead of spilling)."""
+    budget = max(16, per_thread * 32 * warps // rp)
+    return max(16, min(widest, _pow2_at_least(d, 16), triton.next_power_of_2(budget + 1) // 2))
+
+
+def _fwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps). Few rows: one program walks all of d, so take wide d tiles (fewer
-    dependent iterations). Many rows: 16-row blocks keep the pass-2 re-read of each block in L2
-    (16 x 4096 x 2 B = 128 KiB per program). Starting points, to be tuned with `bench_kernels.py --sweep`."""
+    dependent iterations). Many rows: 16-row blocks keep the pass-2 re-read of each block small
+    (16 x 4096 x 2 B = 128 KiB per program). fp32 inputs (3xTF32 splits every operand) get half the tile.
+    Starting points, checked for spills with `python -m grun_fast.kernels.aot`, to be tuned on a GPU with
+    `bench_kernels.py --sweep`."""
     small = n <= 64
+    warps = CONFIG_OVERRIDES.get("fwd_warps", 8 if small or rp >= 64 else 4)
+    per_thread = 16 if dtype != torch.float32 else 8
     block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("fwd_block_d", min(256 if small else 128, _pow2_at_least(d, 16)))
-    warps = CONFIG_OVERRIDES.get("fwd_warps", 8 if small else 4)
+    block_d = CONFIG_OVERRIDES.get("fwd_block_d", _tile_d(d, rp, 256 if small else 128, warps, per_thread))
     return block_m, block_d, warps
 
 
-def _bwd_config(n: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) of the backward; it holds two [BLOCK_M, BLOCK_D] tiles (h, dout) and
-    three dot products per tile, so its tiles are narrower than the forward's."""
+def _bwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) of the backward: two weight tiles per pass and two [RP, BLOCK_D] fp32
+    gradient partials, so half the forward's d tile."""
     small = n <= 64
+    warps = CONFIG_OVERRIDES.get("bwd_warps", 8 if small or rp >= 64 else 4)
+    per_thread = 8 if dtype != torch.float32 else 4
     block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("bwd_block_d", min(128 if small else 64, _pow2_at_least(d, 16)))
-    warps = CONFIG_OVERRIDES.get("bwd_warps", 8 if small else 4)
+    block_d = CONFIG_OVERRIDES.get("bwd_block_d", _tile_d(d, rp, 128 if small else 64, warps, per_thread))
     return block_m, block_d, warps
 
 
@@ -354,14 +369,15 @@ def _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace):
     n, d = h.shape
     r = rot.shape[0]
     gate_logit = logit is not None
-    block_m, block_d, warps = _fwd_config(n, d)
+    rp = _rank_pad(r + (0 if gate_logit else 1))
+    block_m, block_d, warps = _fwd_config(n, d, rp, h.dtype)
     args = (
         h, out, gate, ag, rot, bias, logit if gate_logit else bias, rows if rows is not None else bias,
         n, d, r, h.stride(0), h.stride(1), out.stride(0), out.stride(1),
         float(threshold) if threshold is not None else 0.0,
     )
     consts = dict(
-        BLOCK_M=block_m, BLOCK_D=block_d, RP=_rank_pad(r + (0 if gate_logit else 1)),
+        BLOCK_M=block_m, BLOCK_D=block_d, RP=rp,
         GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
         PREC=_precision(h),
     )
@@ -407,7 +423,7 @@ def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, determini
     gate_logit = logit is not None
     rp = _rank_pad(r + (0 if gate_logit else 1))
     dev = h.device
-    block_m, block_d, warps = _bwd_config(n, d)
+    block_m, block_d, warps = _bwd_config(n, d, rp, h.dtype)
     n_blocks = triton.cdiv(n, block_m)
     if deterministic:
         per_prog = (2 * rp * d + rp) * 4
