@@ -135,15 +135,45 @@ def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypat
     assert len(calls) == 1 and torch.allclose(calls[0], expected, atol=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(data):
+def test_gradient_checkpointing_gives_the_same_adapter(data, monkeypatch):
     forget, retain = data
     states = []
+    seen = []
+    real = trainer_module.GRUNTrainer.compute_loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(bool(self.grun_model.is_activation_checkpointing))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(trainer_module.GRUNTrainer, "compute_loss", spy)
     for checkpointing in (False, True):
         model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
         unlearn(model, tok, forget, retain, layers=[1, 2], max_steps=3, gradient_checkpointing=checkpointing,
                 **FAST)
         states.append(adapter_state(model))
-        assert not getattr(model, "is_gradient_checkpointing", False)
+        assert not model.is_activation_checkpointing
+    assert seen == [False] * 3 + [True] * 3
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
+
+
+def test_lower_layer_cache_gives_the_same_adapter_and_is_reused(data, monkeypatch):
+    forget, retain = data
+    caches = []
+    real_init = trainer_module.GRUNTrainer.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(self.lower_cache)
+    monkeypatch.setattr(trainer_module.GRUNTrainer, "__init__", keep)
+    states = []
+    for mb in (0, 64):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        unlearn(model, tok, forget, retain, method="npo", layers=[2, 3], max_steps=8, cache_lower_mb=mb, **FAST)
+        states.append(adapter_state(model))
+    assert caches[0] is None
+    cache = caches[1]
+    assert cache.skip == 2 and cache.enabled
+    assert cache.hits > 0 and cache.misses == len(cache.store) <= len(forget) + len(retain)
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
 

@@ -31,6 +31,8 @@ class UnlearnConfig:
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
     save_steps: write a resumable checkpoint every N steps (None: none).
+    cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
+        (computed once per example, reused every epoch); 0 turns the cache off.
     """
 
     method: str = "gd"
@@ -59,6 +61,7 @@ class UnlearnConfig:
     logging_steps: int = 10
     gradient_checkpointing: bool = False
     reference_batch_size: int = 32
+    cache_lower_mb: int = 1024
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class UnlearnConfig:
         for name in ("lr", "beta", "rmu_coefficient"):
             if not float(getattr(self, name)) > 0:
                 raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
+            raise GRUNError(f"cache_lower_mb must be an integer >= 0, got {self.cache_lower_mb!r}")
         for name in ("weight_decay", "max_grad_norm", "lambda_g"):
             if float(getattr(self, name)) < 0:
                 raise GRUNError(f"{name} must be >= 0, got {getattr(self, name)!r}")

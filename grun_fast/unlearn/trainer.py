@@ -11,6 +11,7 @@ uninterrupted single-process run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from grun_fast.data.loading import validate_rows
 from grun_fast.data.prompts import row_prompt
 from grun_fast.data.refusals import with_refusals
 from grun_fast.errors import GRUNError
-from grun_fast.patching import _MODULES_ATTR, adapter_modules, adapter_names, edit_at, patch, unpatch
+from grun_fast.patching import _MODULES_ATTR, adapter_config, adapter_modules, adapter_names, edit_at, patch, unpatch
+from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, idk_forget_loss, masked_mse,
                                       npo_loss, rmu_control_vector, token_mean_nll, total_loss)
@@ -139,6 +141,9 @@ class GRUNTrainer(Trainer):
         self._captured: torch.Tensor | None = None
         self._hook = None
         self.rmu_target: torch.Tensor | None = None
+        skip = min(i for name in adapter_names(grun_model) for i in adapter_config(grun_model, name).layers)
+        self.lower_cache = (LowerLayerCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
+                            if skip > 0 and grun_config.cache_lower_mb > 0 else None)
         if grun_config.method == "rmu":
             _, layers = locate(grun_model)
             self.rmu_target = rmu_control_vector(int(grun_model.config.hidden_size), grun_config.rmu_coefficient,
@@ -200,7 +205,15 @@ class GRUNTrainer(Trainer):
             with torch.no_grad(), edit_at(self.grun_model, mask=torch.zeros_like(mask[nf:], dtype=torch.bool)):
                 model(input_ids=ids[nf:], attention_mask=mask[nf:], use_cache=False)
             base_hidden = self._captured.detach()
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        skipping = contextlib.nullcontext()
+        cache = self.lower_cache
+        if cache is not None and cache.enabled:
+            keys = ([("f", int(i)) for i in inputs["forget_index"]] + [("r", int(j)) for j in inputs["retain_index"]])
+            hidden = cache.fetch(keys, ids, mask)
+            if cache.enabled:
+                skipping = cache.skipping(hidden)
+        with skipping:
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
         logits = out.logits
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
@@ -382,7 +395,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     resume_from = _resolve_resume(resume, ckpt_dir)
     if resume_from is not None and (Path(resume_from) / CONFIG_NAME).is_file():
         saved = json.loads((Path(resume_from) / CONFIG_NAME).read_text())
-        ignore = {"progress", "save_steps", "logging_steps"}
+        ignore = {"progress", "save_steps", "logging_steps", "cache_lower_mb", "reference_batch_size",
+                  "gradient_checkpointing"}
         diff = sorted(k for k in saved if k not in ignore and saved[k] != config.to_dict().get(k))
         if diff:
             raise GRUNError(f"checkpoint {resume_from} was trained with different settings ({', '.join(diff)}); "
