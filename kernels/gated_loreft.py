@@ -155,9 +155,10 @@ def _bwd_kernel(
         n_ag = r + 1
     ag_mask = offs_k < n_ag
     rot_mask = offs_k < r
-    # workspace per program (one shared by all with atomics): [G1 = [dA; dw_g] : RP*d][G2 : RP*d], [db; dc : RP]
+    # workspace per program (one shared by all with atomics): [G1 = [dA; dw_g] : n_ag*d][G2 : r*d], [db; dc : RP]
+    g2_off = n_ag * d
     if DETERMINISTIC:
-        ws = ws_ptr + pid.to(tl.int64) * (2 * RP * d)
+        ws = ws_ptr + pid.to(tl.int64) * ((n_ag + r) * d)
         wsv = wsv_ptr + pid * RP
     else:
         ws = ws_ptr
@@ -238,12 +239,12 @@ def _bwd_kernel(
             g2 = tl.dot(sp_t, y, input_precision=PREC)
             if DETERMINISTIC:
                 g1 += tl.load(ws + w_offs, mask=g1_mask & not_first[:, None], other=0.0)
-                g2 += tl.load(ws + RP * d + w_offs, mask=g2_mask & not_first[:, None], other=0.0)
+                g2 += tl.load(ws + g2_off + w_offs, mask=g2_mask & not_first[:, None], other=0.0)
                 tl.store(ws + w_offs, g1, mask=g1_mask)
-                tl.store(ws + RP * d + w_offs, g2, mask=g2_mask)
+                tl.store(ws + g2_off + w_offs, g2, mask=g2_mask)
             else:
                 tl.atomic_add(ws + w_offs, g1, mask=g1_mask, sem="relaxed")
-                tl.atomic_add(ws + RP * d + w_offs, g2, mask=g2_mask, sem="relaxed")
+                tl.atomic_add(ws + g2_off + w_offs, g2, mask=g2_mask, sem="relaxed")
 
     if DETERMINISTIC:
         tl.store(wsv + offs_k, dv_acc, mask=ag_mask)
@@ -425,14 +426,15 @@ def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, determini
     dev = h.device
     block_m, block_d, warps = _bwd_config(n, d, rp, h.dtype)
     n_blocks = triton.cdiv(n, block_m)
+    n_ws = (2 * r + (0 if gate_logit else 1)) * d  # [dA; dw_g] and (s p)^T y rows, fp32
     if deterministic:
-        per_prog = (2 * rp * d + rp) * 4
+        per_prog = (n_ws + rp) * 4
         n_progs = max(1, min(n_blocks, 2 * _num_sms(dev), DETERMINISTIC_WORKSPACE_BYTES // per_prog))
-        ws = torch.empty((n_progs, 2 * rp * d), dtype=torch.float32, device=dev)
+        ws = torch.empty((n_progs, n_ws), dtype=torch.float32, device=dev)
         wsv = torch.empty((n_progs, rp), dtype=torch.float32, device=dev)
     else:
         n_progs = n_blocks
-        ws = torch.zeros((1, 2 * rp * d), dtype=torch.float32, device=dev)
+        ws = torch.zeros((1, n_ws), dtype=torch.float32, device=dev)
         wsv = torch.zeros((1, rp), dtype=torch.float32, device=dev)
     args = (
         h, dout, dgate if dgate is not None else bias, dh, dlogit if gate_logit else bias,
@@ -480,11 +482,11 @@ def backward_2d(
     else:
         ws.zero_()
         wsv.zero_()
-    rp = consts["RP"]
+    n_ag = r + (0 if gate_logit else 1)
     ws_sum = ws.sum(0) if ws.shape[0] > 1 else ws[0]  # fixed-order reduction over programs
     dv = wsv.sum(0) if wsv.shape[0] > 1 else wsv[0]
-    g1 = ws_sum[: rp * d].view(rp, d)
-    g2 = ws_sum[rp * d:].view(rp, d)
+    g1 = ws_sum[: n_ag * d].view(n_ag, d)
+    g2 = ws_sum[n_ag * d:].view(r, d)
     d_a = g1[:r]
     # clones: the results are views of one workspace and must not alias each other (custom-op rule)
     return {
