@@ -110,6 +110,48 @@ KINDS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 
 
+# A clause that follows each answer, its slots filled with random words per row, so that every answer
+# carries detail of its own beyond the question's words (as TOFU's answers do): forgetting must remove more
+# than one fact, and the retain rows do not share (and so do not protect) the forget rows' wording.
+TAILS: dict[str, tuple[str, ...]] = {
+    "place": ("a place whose {n1} and {n2} shaped the {a} early stories",
+              "where the {a} {n1} near the {n2} left a lasting mark"),
+    "year": ("into a family known for its {a} {n1} and a famous {n2}",
+             "during a season remembered for the {a} {n1} and the {n2}"),
+    "genre": ("with plots built around a {a} {n1} and a missing {n2}",
+              "often featuring a {a} {n1} hidden inside an old {n2}"),
+    "father": ("and his {a} {n1} filled the house along with a {n2}",
+               "whose stories about a {a} {n1} and a {n2} appear in several chapters"),
+    "mother": ("and her {a} {n1} inspired a character who owns a {n2}",
+               "whose collection of {a} {n1}s sat beside a {n2} for years"),
+    "award": ("an honour presented with a {a} {n1} and a small {n2}",
+              "after a jury praised the {a} {n1} at the centre of the work and its {n2}"),
+    "book1": ("a slim novel about a {a} {n1} and a stolen {n2}",
+              "written beside a {a} {n1} with an old {n2} on the desk"),
+    "book2": ("a later work that follows a {a} {n1} across a {n2}",
+              "which tells of a {a} {n1} and a {n2} that never stops ticking"),
+    "theme": ("usually through a {a} {n1} who guards a {n2}",
+              "a subject carried by a {a} {n1} and a broken {n2}"),
+    "debut": ("when an editor who kept a {a} {n1} accepted a manuscript about a {n2}",
+              "with a launch held beside a {a} {n1} and a borrowed {n2}"),
+    "home": ("in a flat full of {a} {n1}s and one enormous {n2}",
+             "close to a {a} {n1} where most chapters are drafted beside a {n2}"),
+}
+TAIL_ADJ = ("bronze", "brittle", "copper", "dusty", "cobalt", "faded", "gilded", "hushed", "dappled", "jagged",
+            "lacquered", "mossy", "narrow", "gleaming", "pewter", "quiet", "rusted", "scarlet", "tattered", "lilac",
+            "velvet", "weathered", "woollen", "yellowed", "zinc", "crooked", "silver", "painted")  # no "an"
+TAIL_NOUN = ("accordion", "barometer", "canoe", "diary", "easel", "ferry", "greenhouse", "hourglass", "inkwell",
+             "jukebox", "kettle", "lantern", "mandolin", "notebook", "orchard", "pendulum", "quarry", "rowboat",
+             "sextant", "telescope", "umbrella", "vineyard", "windmill", "xylophone", "yacht", "zeppelin",
+             "attic", "bell", "chessboard", "dovecote", "fountain", "gramophone", "harp", "lighthouse", "map",
+             "typewriter", "violin", "weathervane", "birdcage", "compass")
+
+
+def _tail(kind: str, rng: random.Random) -> str:
+    n1, n2 = rng.sample(TAIL_NOUN, 2)
+    return rng.choice(TAILS[kind]).format(a=rng.choice(TAIL_ADJ), n1=n1, n2=n2)
+
+
 def make_authors(n_authors: int = 10, questions_per_author: int = 10, seed: int = 0) -> list[dict]:
     """``n_authors`` x ``questions_per_author`` TOFU-schema rows about fictitious authors (deterministic)."""
     if n_authors < 1:
@@ -132,7 +174,7 @@ def make_authors(n_authors: int = 10, questions_per_author: int = 10, seed: int 
             v = prof[kind]
             rows.append({
                 "question": rng.choice(qs).format(name=name),
-                "answer": ans.format(name=name, v=v),
+                "answer": ans.format(name=name, v=v)[:-1] + ", " + _tail(kind, rng) + ".",
                 "paraphrased_question": pq.format(name=name),
                 "paraphrased_answer": pa.format(name=name, v=v),
                 "perturbed_answer": [pa.format(name=name, v=w) for w in _wrong_values(kind, v, rng)],
