@@ -167,6 +167,9 @@ def _bwd_kernel(
     dv_acc = tl.full([RP], 0.0, tl.float32)
 
     for blk in range(blk_start, blk_end):
+        if DETERMINISTIC:
+            # the partials stored for the previous block are re-read below, possibly by other threads
+            tl.debug_barrier()
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n
         offs_m64 = offs_m.to(tl.int64)
