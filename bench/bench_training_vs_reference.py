@@ -5,21 +5,25 @@ Both sides build a random-weight Llama from bench/reference_stack/config.json (d
 time one GD step on the same token rows (batch 8 forget + 8 retain of 96 tokens):
 -NLL_f + 2 NLL_r + 10 BCE(gates), backward, grad clip 1.0, AdamW (lr 4e-3, weight decay 0).
 
-- ours (this process, project venv): grun_fast.patch + grun_fast.edit_at, the step in plain torch.
-  Two variants: `two_forwards` (forget, then retain, as the reference does) and `joint` (forget and
-  retain rows in one forward of 16 rows).
+- ours (this process, project venv): grun_fast.patch + grun_fast.edit_at, the step in plain torch,
+  in the variants of MODES: `two_forwards` (as the reference route), `joint` (one forward of 16
+  rows), `cached` (+ the trainer's reuse of the frozen lower layers), `answer_head` (+ LM head only
+  at answer tokens). All start from the same weights and rows; their first losses are checked equal.
 - reference (a worker process in its own venv, .cache/ref_venv, made by
   bench/reference_stack/setup_venv.sh on first use: it downloads pyreft, pyvene and
   transformers 4.45.1 from PyPI): bench/reference_stack/ref_step.py.
 The sides alternate call by call for several rounds in one run. Also timed on each side, for calibration: two
 plain no-grad forwards of the bare base model (forget and retain batches).
 
-Usage: python bench/bench_training_vs_reference.py [--rounds 5 --steps 3]
+Usage: python bench/bench_training_vs_reference.py [--rounds 5 --steps 3 --threads N]
+Each call is timed on the wall clock and in process CPU seconds; on a machine shared with other
+work, run with --threads 1 and read the CPU-time ratio (both are reported and written).
 Prints the ratios and appends rows to bench/results/training.csv.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -56,12 +60,23 @@ def _llama(cfg: dict) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
 
 
+MODES = {
+    "two_forwards": "forget rows, then retain rows, one forward each (as the reference route does)",
+    "joint": "forget and retain rows in one forward of 16 rows",
+    "cached": "joint, and the frozen layers below the lowest edited one reused per example "
+              "(grun_fast.unlearn.cache.LowerLayerCache, as the trainer does; steady state, epoch >= 2)",
+    "answer_head": "cached, and the LM head applied only where an answer token is predicted",
+}
+
+
 class Ours:
-    """grun_fast on the same model shape, stepping with plain torch."""
+    """grun_fast on the same model shape, stepping with plain torch (see MODES)."""
 
     def __init__(self, cfg: dict, mode: str):
         import grun_fast
 
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.grun_fast, self.mode, self.cfg, self.bare = grun_fast, mode, cfg, None
         self.model = _llama(cfg).eval().requires_grad_(False)
         grun_fast.patch(self.model, grun_fast.GRUNConfig(layers=cfg["layers"], rank=cfg["rank"]))
@@ -69,39 +84,64 @@ class Ours:
         self.params = list(grun_fast.adapter_parameters(self.model))
         self.opt = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=0.0)
         self.forget, self.retain = make_batches(cfg)
+        self.n_forget = self.forget["input_ids"].shape[0]
         self.joint = {k: torch.cat([self.forget[k], self.retain[k]]) for k in self.forget}
+        self.lower = None
+        if mode in ("cached", "answer_head"):
+            from grun_fast.unlearn.cache import LowerLayerCache
+
+            self.lower = LowerLayerCache(self.model, min(cfg["layers"]), max_bytes=2**30)
+            self.keys = [("row", i) for i in range(self.joint["input_ids"].shape[0])]
         self.losses: list[float] = []
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-mean answer NLL of the patched model and the gates of every layer (layer-major)."""
-        with self.grun_fast.edit_at(self.model, positions=batch["positions"]):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"], use_cache=False)
-        return out.loss, torch.stack([m.last_gate for m in self.modules])   # [layers, B]
+    def _gates(self) -> torch.Tensor:
+        return torch.stack([m.last_gate for m in self.modules])   # [layers, B]
 
-    def _joint_losses(self):
-        """Forget and retain rows in one forward; NLL per side, token mean as in a separate forward."""
-        batch, n_f = self.joint, self.forget["input_ids"].shape[0]
-        with self.grun_fast.edit_at(self.model, positions=batch["positions"]):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits
-        gates = torch.stack([m.last_gate for m in self.modules])
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                labels.flatten(), reduction="none").view_as(labels)
-        valid = (labels != -100).float()
-        nll_f = (nll[:n_f] * valid[:n_f]).sum() / valid[:n_f].sum()
-        nll_r = (nll[n_f:] * valid[n_f:]).sum() / valid[n_f:].sum()
-        return nll_f, nll_r, gates[:, :n_f].reshape(-1), gates[:, n_f:].reshape(-1)
+    def _separate(self):
+        """NLL (HF's label loss, token mean) and gates of the forget and the retain forward."""
+        out = []
+        for batch in (self.forget, self.retain):
+            with self.grun_fast.edit_at(self.model, positions=batch["positions"]):
+                nll = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"], use_cache=False).loss
+            out.append((nll, self._gates().reshape(-1)))
+        (nll_f, gate_f), (nll_r, gate_r) = out
+        return nll_f, nll_r, gate_f, gate_r
+
+    def _together(self):
+        """Forget and retain rows in one forward; per side the token-mean answer NLL, as above."""
+        batch, nf = self.joint, self.n_forget
+        skipping = contextlib.nullcontext()
+        if self.lower is not None:
+            hidden = self.lower.fetch(self.keys, batch["input_ids"], batch["attention_mask"])
+            if not self.lower.enabled:
+                raise RuntimeError("LowerLayerCache cannot bypass this model's layers")
+            skipping = self.lower.skipping(hidden)
+        target = batch["labels"][:, 1:]                    # token t predicts label t + 1
+        answer = target != -100
+        with skipping, self.grun_fast.edit_at(self.model, positions=batch["positions"]):
+            if self.mode == "answer_head":
+                hidden = self.model.get_decoder()(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"],
+                                                  use_cache=False).last_hidden_state
+                logits = self.model.get_output_embeddings()(hidden[:, :-1][answer])       # [N, V]
+                nll_tok = torch.nn.functional.cross_entropy(logits.float(), target[answer],
+                                                            reduction="none")
+                nll = torch.zeros(target.shape, dtype=nll_tok.dtype).masked_scatter(answer, nll_tok)
+            else:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).logits
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                        target.flatten(), reduction="none").view_as(target)
+        gates = self._gates()
+        valid = answer.float()
+        nll_f = (nll[:nf] * valid[:nf]).sum() / valid[:nf].sum()
+        nll_r = (nll[nf:] * valid[nf:]).sum() / valid[nf:].sum()
+        return nll_f, nll_r, gates[:, :nf].reshape(-1), gates[:, nf:].reshape(-1)
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        if self.mode == "joint":
-            nll_f, nll_r, gate_f, gate_r = self._joint_losses()
-        else:
-            nll_f, gate_f = self._forward(self.forget)
-            nll_r, gate_r = self._forward(self.retain)
-            gate_f, gate_r = gate_f.reshape(-1), gate_r.reshape(-1)
+        nll_f, nll_r, gate_f, gate_r = self._separate() if self.mode == "two_forwards" else self._together()
         loss = gd_loss(nll_f, nll_r, gate_f, gate_r)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -125,10 +165,16 @@ class Ours:
         return max(errs)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _ref_timed(ref: "RefWorker", what: str) -> tuple[float, float]:
+    res = ref.measure(what, 1, 0)
+    return res["times_s"][0], res["cpu_s"][0]
 
 
 # ----------------------------------------------------------------------------- reference side
@@ -212,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed calls per side per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per side before timing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                    help="our variants to time (the first also times the plain forwards)")
     ap.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
     args = ap.parse_args(argv)
     if args.threads:
@@ -226,18 +274,19 @@ def main(argv=None) -> int:
     python = ensure_ref_venv()
     print("starting the reference worker ...", flush=True)
     ref = RefWorker(python, cfg, threads)
-    ours = {mode: Ours(cfg, mode) for mode in ("two_forwards", "joint")}
+    ours = {mode: Ours(cfg, mode) for mode in args.modes}
+    plain_side = ours[args.modes[0]]
     # Timed one call at a time, the sides interleaved (order rotated each round), so the load of a
-    # shared machine falls on both alike. Each "round ratio" compares the medians within one round.
-    timers = {
-        "ours/two_forwards": lambda: _timed(ours["two_forwards"].step),
-        "ours/joint": lambda: _timed(ours["joint"].step),
-        "ref/step": lambda: ref.measure("step", 1, 0)["times_s"][0],
-        "ours/plain": lambda: _timed(ours["two_forwards"].plain_two_forwards),
-        "ref/plain": lambda: ref.measure("plain", 1, 0)["times_s"][0],
-    }
-    times: dict[str, list[float]] = {key: [] for key in timers}
-    per_round_ratio: dict[str, list[float]] = {"two_forwards": [], "joint": []}
+    # shared machine falls on both alike. Each call gives wall-clock and process CPU seconds; on a
+    # loaded machine the CPU time (best with --threads 1) is the steadier of the two.
+    timers = {f"ours/{mode}": side.step for mode, side in ours.items()}
+    timers = {key: (lambda fn=fn: _timed(fn)) for key, fn in timers.items()}
+    timers["ref/step"] = lambda: _ref_timed(ref, "step")
+    timers["ours/plain"] = lambda: _timed(plain_side.plain_two_forwards)
+    timers["ref/plain"] = lambda: _ref_timed(ref, "plain")
+    clocks = ("wall", "cpu")
+    times = {c: {key: [] for key in timers} for c in clocks}
+    per_round = {c: {mode: [] for mode in ours} for c in clocks}   # ratios of the round medians
     try:
         print(f"warming up ({args.warmup} call(s) per side) ...", flush=True)
         for fn in timers.values():
@@ -245,53 +294,63 @@ def main(argv=None) -> int:
                 fn()
         keys = list(timers)
         for rnd in range(args.rounds):
-            round_t: dict[str, list[float]] = {key: [] for key in timers}
+            round_t = {c: {key: [] for key in timers} for c in clocks}
             order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for _ in range(args.steps):
                 for key in order:
-                    round_t[key].append(timers[key]())
-            for key in timers:
-                times[key] += round_t[key]
-            ref_med = statistics.median(round_t["ref/step"])
-            for mode in ours:
-                per_round_ratio[mode].append(statistics.median(round_t[f"ours/{mode}"]) / ref_med)
-            print(f"round {rnd + 1}/{args.rounds}: ours two_forwards "
-                  f"{statistics.median(round_t['ours/two_forwards']) * 1e3:.0f} ms, joint "
-                  f"{statistics.median(round_t['ours/joint']) * 1e3:.0f} ms, reference {ref_med * 1e3:.0f} ms",
-                  flush=True)
+                    for c, value in zip(clocks, timers[key]()):
+                        round_t[c][key].append(value)
+            for c in clocks:
+                rmed = {key: statistics.median(v) for key, v in round_t[c].items()}
+                for key in timers:
+                    times[c][key] += round_t[c][key]
+                for mode in ours:
+                    per_round[c][mode].append(rmed[f"ours/{mode}"] / rmed["ref/step"])
+            w = {key: statistics.median(v) for key, v in round_t["wall"].items()}
+            print(f"round {rnd + 1}/{args.rounds} (wall ms): "
+                  + ", ".join(f"{key} {w[key] * 1e3:.0f}" for key in timers), flush=True)
         ref_orth = ref.measure("plain", 1, 0)["R_orthonormality_error"]
     finally:
         ref.close()
 
-    s = {k: summary(v) for k, v in times.items()}
-    med = {k: v["median"] for k, v in s.items()}
-    ratios = {mode: med[f"ours/{mode}"] / med["ref/step"] for mode in ours}
-    cal_ref = med["ref/step"] / med["ref/plain"]
-    cal_ours = {mode: med[f"ours/{mode}"] / med["ours/plain"] for mode in ours}
+    first = {mode: side.losses[0] for mode, side in ours.items()}   # same start, same rows
+    for mode, side in ours.items():
+        if not all(x == x for x in side.losses):
+            raise RuntimeError(f"our side ({mode}) produced a NaN loss")
+        if abs(first[mode] - first[args.modes[0]]) > 1e-4 * abs(first[args.modes[0]]):
+            raise RuntimeError(f"our variants disagree on the first step's loss: {first}")
     orth = max(side.orthonormality_error() for side in ours.values())
-    for side in ours.values():
-        if not all(map(lambda x: x == x, side.losses)):
-            raise RuntimeError("our side produced a NaN loss")
+    stats = {c: {k: summary(v) for k, v in times[c].items()} for c in clocks}
+    med = {c: {k: v["median"] for k, v in stats[c].items()} for c in clocks}
+    ratios = {c: {mode: med[c][f"ours/{mode}"] / med[c]["ref/step"] for mode in ours} for c in clocks}
+    cal_ref = {c: med[c]["ref/step"] / med[c]["ref/plain"] for c in clocks}
+    cal_ours = {c: {mode: med[c][f"ours/{mode}"] / med[c]["ours/plain"] for mode in ours} for c in clocks}
 
     print()
     print(f"model {cfg['model']}, layers {cfg['layers']}, rank {cfg['rank']}, "
-          f"batch {cfg['batch']}+{cfg['batch']} x {cfg['seq_len']} tokens, fp32, {threads} threads")
+          f"batch {cfg['batch']}+{cfg['batch']} x {cfg['seq_len']} tokens, fp32, {threads} thread(s)")
     print(f"ours:      torch {torch.__version__}, transformers {transformers.__version__}, "
           f"grun_fast {grun_fast.__version__}")
     print(f"reference: torch {ref.env['torch']}, transformers {ref.env['transformers']}, "
           f"pyvene {ref.env['pyvene']}, pyreft {ref.env['pyreft']}")
-    print(f"{'':28s}{'median ms':>10s}{'p20':>9s}{'p80':>9s}{'n':>4s}")
-    for key in times:
-        print(f"{key:28s}{s[key]['median'] * 1e3:10.1f}{s[key]['p20'] * 1e3:9.1f}"
-              f"{s[key]['p80'] * 1e3:9.1f}{s[key]['n']:4d}")
+    for c in clocks:
+        print(f"{c + ' clock':28s}{'median ms':>10s}{'p20':>9s}{'p80':>9s}{'n':>4s}")
+        for key in timers:
+            st = stats[c][key]
+            print(f"  {key:26s}{st['median'] * 1e3:10.1f}{st['p20'] * 1e3:9.1f}{st['p80'] * 1e3:9.1f}{st['n']:4d}")
+    for c in clocks:
+        for mode in ours:
+            print(f"[{c}] GD step ratio ours({mode}) / reference = {ratios[c][mode]:.3f} "
+                  f"(median of per-round ratios {statistics.median(per_round[c][mode]):.3f}; target <= 0.5)")
+    for c in clocks:
+        print(f"[{c}] calibration: reference step / its two plain no-grad forwards = {cal_ref[c]:.2f}x "
+              f"(quoted: ~1.6x); ours: "
+              + ", ".join(f"{cal_ours[c][m]:.2f}x ({m})" for m in ours)
+              + f"; plain forwards ours / reference venv = {med[c]['ours/plain'] / med[c]['ref/plain']:.2f}")
+    print(f"R orthonormality error after training: ours {orth:.1e}, reference {ref_orth:.1e}; "
+          f"first-step loss of our variants agree: {first[args.modes[0]]:.5f}")
     for mode in ours:
-        print(f"GD step ratio ours({mode}) / reference = {ratios[mode]:.3f} "
-              f"(median of per-round ratios {statistics.median(per_round_ratio[mode]):.3f}; target <= 0.5)")
-    print(f"calibration: reference step / its two plain no-grad forwards = {cal_ref:.2f}x (quoted: ~1.6x)")
-    print("calibration: our step / our two plain no-grad forwards = "
-          + ", ".join(f"{cal_ours[m]:.2f}x ({m})" for m in ours))
-    print(f"plain two forwards, ours / reference stack's transformers = {med['ours/plain'] / med['ref/plain']:.2f}")
-    print(f"R orthonormality error after training: ours {orth:.1e}, reference {ref_orth:.1e}")
+        print(f"  {mode}: {MODES[mode]}")
 
     if not args.no_csv:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -305,30 +364,32 @@ def main(argv=None) -> int:
         ours_v = f"torch {torch.__version__}; transformers {transformers.__version__}; grun_fast {grun_fast.__version__}"
         ref_v = (f"torch {ref.env['torch']}; transformers {ref.env['transformers']}; "
                  f"pyvene {ref.env['pyvene']}; pyreft {ref.env['pyreft']}")
-        rows = []
-        for key, (op, provider, mode, ver) in {
-            "ours/two_forwards": ("gd_step", "grun_fast", "two_forwards", ours_v),
-            "ours/joint": ("gd_step", "grun_fast", "joint", ours_v),
+        labels = {f"ours/{mode}": ("gd_step", "grun_fast", mode, ours_v) for mode in ours}
+        labels.update({
             "ref/step": ("gd_step", "pyreft", "reference", ref_v),
             "ours/plain": ("plain_2fwd_nograd", "transformers", "base", ours_v),
             "ref/plain": ("plain_2fwd_nograd", "transformers", "base_ref_venv", ref_v),
-        }.items():
-            rows.append({"op": op, "provider": provider, "mode": mode, "unit": "s", "versions": ver,
-                         **{q: f"{s[key][q]:.6g}" for q in ("median", "p20", "p80")}, "n": s[key]["n"],
-                         **common})
-        for mode in ours:
-            rr = per_round_ratio[mode]
-            rows.append({"op": "gd_step_ratio", "provider": "grun_fast/pyreft", "mode": mode,
-                         "median": f"{ratios[mode]:.4g}", "p20": f"{quantile(rr, 0.2):.4g}",
-                         "p80": f"{quantile(rr, 0.8):.4g}", "unit": "ratio", "n": len(rr),
-                         "versions": f"{ours_v} | {ref_v}", **common})
-        rows.append({"op": "calibration", "provider": "pyreft", "mode": "step/plain_2fwd",
-                     "median": f"{cal_ref:.4g}", "p20": "", "p80": "", "unit": "ratio", "n": s["ref/step"]["n"],
-                     "versions": ref_v, **common})
+        })
+        units = {"wall": ("s", "ratio"), "cpu": ("cpu_s", "ratio_cpu")}
+        rows = []
+        for c in clocks:
+            unit, ratio_unit = units[c]
+            for key, (op, provider, mode, ver) in labels.items():
+                st = stats[c][key]
+                rows.append({"op": op, "provider": provider, "mode": mode, "unit": unit, "versions": ver,
+                             **{q: f"{st[q]:.6g}" for q in ("median", "p20", "p80")}, "n": st["n"], **common})
+            for mode in ours:
+                rr = per_round[c][mode]
+                rows.append({"op": "gd_step_ratio", "provider": "grun_fast/pyreft", "mode": mode,
+                             "median": f"{ratios[c][mode]:.4g}", "p20": f"{quantile(rr, 0.2):.4g}",
+                             "p80": f"{quantile(rr, 0.8):.4g}", "unit": ratio_unit, "n": len(rr),
+                             "versions": f"{ours_v} | {ref_v}", **common})
+            rows.append({"op": "calibration", "provider": "pyreft", "mode": "step/plain_2fwd",
+                         "median": f"{cal_ref[c]:.4g}", "p20": "", "p80": "", "unit": ratio_unit,
+                         "n": stats[c]["ref/step"]["n"], "versions": ref_v, **common})
         append_rows(rows)
         print(f"appended {len(rows)} rows to {RESULTS.relative_to(REPO)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -119,15 +119,17 @@ def train_step(reft_model, params, opt, forget, retain, n_layers: int) -> float:
     return float(loss.detach())
 
 
-def time_calls(fn, n: int, warmup: int) -> list[float]:
+def time_calls(fn, n: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each of n calls after warmup calls."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 class Bench:
@@ -151,8 +153,9 @@ class Bench:
 
     def measure(self, what: str, n: int, warmup: int) -> dict:
         fn = {"step": self.step, "plain": self.plain_two_forwards}[what]
-        times = time_calls(fn, n, warmup)
-        return {"what": what, "n": n, "median_s": statistics.median(times), "times_s": times}
+        wall, cpu = time_calls(fn, n, warmup)
+        return {"what": what, "n": n, "median_s": statistics.median(wall), "times_s": wall,
+                "cpu_s": cpu}
 
     def orthonormality_error(self) -> float:
         errs = []
