@@ -9,6 +9,7 @@ sorted by length before batching, so a batch wastes little on padding; results c
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,14 @@ def read_gates(modules: GateModules, positions: torch.Tensor) -> dict[str, dict[
     return out
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (most Hugging Face causal LMs do)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
                answer_key: str = "answer", question_key: str = "question", template: str = "plain",
@@ -103,13 +112,17 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[st
     for idx in tqdm(batches(order, batch_size), desc=desc, disable=desc is None, leave=False):
         batch = pad_examples([examples[i] for i in idx], pad_id, "right")
         ids = batch["input_ids"].to(device)
+        # Logits are needed from the earliest last-prompt token on: the prompt positions before it skip the
+        # LM head (a large share of a small model's work, and of the logits' memory for a large vocabulary).
+        keep = {"logits_to_keep": ids.shape[1] - int(batch["edit_pos"].min())} if _keeps_logits(model) else {}
         with edit_at_positions(model, batch["edit_pos"].to(device)):
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits
-        labels = batch["labels"].to(device)[:, 1:]
+                           use_cache=False, **keep).logits
+        offset = ids.shape[1] - logits.shape[1]  # logits[:, j] belongs to position offset + j
+        labels = batch["labels"].to(device)[:, 1:]  # labels[:, p] is the token predicted at position p
         rows_i, cols = (labels != -100).nonzero(as_tuple=True)
         # Only the answer positions are lifted to fp32: the full [B, T, V] logits can be large.
-        token_nll = F.cross_entropy(logits[:, :-1][rows_i, cols].float(), labels[rows_i, cols], reduction="none")
+        token_nll = F.cross_entropy(logits[rows_i, cols - offset].float(), labels[rows_i, cols], reduction="none")
         sums = torch.zeros(len(idx), device=device, dtype=torch.float64).index_add_(0, rows_i, token_nll.double())
         counts = torch.bincount(rows_i, minlength=len(idx)).clamp_min(1)
         nll[idx] = (sums / counts).cpu().numpy()
