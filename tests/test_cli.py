@@ -1,0 +1,30 @@
+"""The grun-fast dispatcher: help lists every subcommand; a missing subcommand module says so honestly."""
+import subprocess
+import sys
+
+import pytest
+
+from grun_fast import cli
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    for name in cli.SUBCOMMANDS:
+        assert name in out
+
+
+def test_unavailable_subcommand_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "demo", ("grun_fast.not_a_module", "x"))
+    assert cli.main(["demo"]) == 2
+    assert "not yet available" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "grun_fast.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "grun_fast" in result.stdout
+
+
+def test_unknown_argument_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--no-such-flag"])
