@@ -10,6 +10,7 @@ Run under `torchrun --nproc_per_node N -m grun_fast.cli unlearn ...` for data-pa
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -145,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"grun-fast unlearn: {e}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     last = next((h for h in reversed(result.log_history) if "forget_loss" in h), {})
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("forget_loss", "retain_loss", "gate_forget", "gate_retain")
                         if k in last)

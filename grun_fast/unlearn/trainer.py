@@ -267,7 +267,12 @@ class GRUNTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._count and "loss" in logs:
-            logs = {**logs, **{k: round(v / self._count, 5) for k, v in self._sums.items()}}
+            names = sorted(self._sums)
+            # mean over the steps since the last log and over processes (each term is already scaled so
+            # that the mean over processes is the global-batch value)
+            means = self._global_sum(torch.tensor([self._sums[k] / self._count for k in names], dtype=torch.float64,
+                                                  device=self.args.device)) / self.accelerator.num_processes
+            logs = {**logs, **{k: round(float(v), 5) for k, v in zip(names, means)}}
             self._sums, self._count = {}, 0
         super().log(logs, start_time)
 
@@ -430,6 +435,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         report_to="none", remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
         disable_tqdm=not config.progress, dataloader_num_workers=0, dataloader_pin_memory=False,
         ddp_backend=("gloo" if not torch.cuda.is_available() else None) if world > 1 else None,
+        use_cpu=world > 1 and not torch.cuda.is_available(),  # accelerate's multi-CPU (gloo) mode
         ddp_find_unused_parameters=False,
         logging_first_step=True)
     device = args.device

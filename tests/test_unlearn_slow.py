@@ -1,0 +1,107 @@
+"""Slow end-to-end checks of GRUN training: it forgets on a memorising model, and DDP matches one process."""
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grun_fast
+from grun_fast.data import load_tofu, make_authors, make_benchmark, split_by_author, tokenize_rows
+from grun_fast.testing import generate_answers, rouge_l_recall, train_tiny_base, untrained_tiny
+from grun_fast.unlearn import unlearn
+
+ROOT = Path(__file__).resolve().parents[1]
+TOFU_DIR = Path(os.environ.get("GRUN_TOFU_DIR", ROOT.parent / "shared" / "data" / "tofu"))
+pytestmark = pytest.mark.slow
+
+
+def rouge(model, tok, rows):
+    answers = generate_answers(model, tok, rows, max_new_tokens=64)
+    return float(np.mean(rouge_l_recall(answers, [r["answer"] for r in rows])))
+
+
+@torch.no_grad()
+def mean_gate(model, tok, rows):
+    batch = tokenize_rows(tok, rows)
+    with grun_fast.edit_at(model, positions=batch["edit_pos"]):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return float(torch.cat([m.last_gate for m in grun_fast.adapter_modules(model).values()]).mean())
+
+
+def check_forgets(model, tok, forget, retain, method, **kwargs):
+    before = rouge(model, tok, forget), rouge(model, tok, retain)
+    assert before[0] > 0.9 and before[1] > 0.9, f"the base did not memorise its rows: {before}"
+    unlearn(model, tok, forget, retain, method=method, progress=False, **kwargs)
+    after = rouge(model, tok, forget), rouge(model, tok, retain)
+    gates = mean_gate(model, tok, forget), mean_gate(model, tok, retain)
+    print(f"{method}: ROUGE-L forget {before[0]:.3f} -> {after[0]:.3f}, retain {before[1]:.3f} -> {after[1]:.3f}; "
+          f"gate forget {gates[0]:.3f}, retain {gates[1]:.3f}")
+    assert before[0] - after[0] >= 0.5
+    assert before[1] - after[1] <= 0.1
+    assert gates[0] >= 0.9 and gates[1] <= 0.1
+
+
+@pytest.fixture(scope="module")
+def tofu_base():
+    if not (TOFU_DIR / "forget01.json").is_file():
+        pytest.skip("TOFU folder absent")
+    # GRUN.md section 8: 20 rows of a forget01 author + 80 retain rows, memorised by a tiny Llama
+    forget = load_tofu("forget01", TOFU_DIR)[:20]
+    retain = load_tofu("retain99", TOFU_DIR)[:80]
+    model, tok = train_tiny_base(forget + retain, seed=0, max_length=160)
+    return forget, retain, model, tok
+
+
+@pytest.mark.parametrize("method", ["gd", "npo"])
+def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method):
+    forget, retain, model, tok = tofu_base
+    check_forgets(copy.deepcopy(model), tok, forget, retain, method, layers=[2, 3], max_steps=120,
+                  max_length=160)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_give_the_one_process_adapter(tmp_path):
+    rows = make_authors(4, 6, seed=2)
+    forget, retain = split_by_author(rows, 1, seed=0)
+    model, tok = untrained_tiny(rows, hidden_size=32, num_layers=4)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    for name, data in (("forget", forget), ("retain", retain)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    args = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
+            "--retain", str(tmp_path / "retain.jsonl"), "--max-steps", "4", "--batch-size", "8",
+            "--layers", "1,3", "--method", "npo", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+                          "grun_fast.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "grun_fast.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    start = {}
+    torch.manual_seed(0)
+    init = grun_fast.patch(untrained_tiny(rows, 32, 4)[0], grun_fast.GRUNConfig(layers=[1, 3]))
+    for i, m in grun_fast.adapter_modules(init).items():
+        start.update({f"layers.{i}.{k}": v for k, v in m.state_dict().items()})
+    assert a.keys() == b.keys() == start.keys()
+    assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3          # training moved the adapter
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
