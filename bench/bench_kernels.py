@@ -292,20 +292,27 @@ def _ref64(h, R, W, b, logit, rows, threshold):
     return torch.where(keep.unsqueeze(-1), edited, h), s
 
 
+def _safe_threshold(gate: torch.Tensor) -> float:
+    """Midpoint of the widest gap between neighbouring gates in the middle half: no row sits near it, so
+    the TF32 gate of 16-bit inputs (about 1e-4 off) selects the same rows as the float64 reference."""
+    g = gate.flatten().sort().values
+    lo, hi = len(g) // 4, max(len(g) // 4 + 1, 3 * len(g) // 4)
+    i = lo + int((g[lo + 1: hi + 1] - g[lo:hi]).argmax())
+    return float((g[i] + g[i + 1]) / 2)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-CHECK_CASES = [  # rows, d, r, rows-mask, threshold, deterministic, gate
+CHECK_CASES = [  # rows, d, r, rows-mask, threshold, deterministic, gate (few: each new case compiles kernels)
     (1, 4096, 4, False, False, False, "linear"),
     (257, 4096, 4, True, False, True, "linear"),
     (4096, 4096, 4, False, True, False, "linear"),
-    (100, 123, 7, True, False, False, "linear"),
+    (100, 123, 7, True, False, False, "logit"),
     (64, 3584, 64, False, False, True, "linear"),
-    (300, 896, 1, True, True, False, "linear"),
-    (33, 5120, 16, False, False, False, "logit"),
-    (70, 2048, 4, True, False, True, "logit"),
+    (300, 5120, 1, True, True, False, "linear"),
 ]
 QUICK_CHECK_CASES = [
     (1, 96, 4, False, False, False, "linear"),
@@ -333,8 +340,7 @@ def check(device: str, dtypes: list[str], quick: bool) -> list[dict]:
             rows = (torch.rand(n, device=device) < 0.6) if use_rows else None
             logit64 = (h.double() @ p["gate_weight"].double() + p["gate_bias"].double()) if gate_kind == "linear" \
                 else tensors[4].double()
-            ordered = torch.sigmoid(logit64).sort().values
-            threshold = float(ordered[n // 2 - 1: n // 2 + 1].mean()) if use_thr and n > 1 else None
+            threshold = _safe_threshold(torch.sigmoid(logit64)) if use_thr and n > 3 else None
 
             def run_kernel(deterministic=det):
                 leaves = [t.detach().clone().requires_grad_() for t in tensors]
