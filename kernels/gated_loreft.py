@@ -11,18 +11,22 @@ Backward with y = dL/dout and g = dL/ds (the gate output's own gradient):
     dh = y + dp A + da w_g,   dW = dp^T h,   dR = (s p)^T y - dp^T h,   db = sum dp,
     dw_g = da^T h,   dc = sum da,   (MLP gate: d logit = da)
 
+The linear gate is folded into the skinny product: with ag = [A; w_g] and [b; c], one product gives
+[p | a] = h ag^T + [b | c] in the forward, and [dp | da] @ ag = dp A + da w_g, [dp | da]^T h = [dW; dw_g]
+in the backward.
+
 One forward launch: each program owns BLOCK_M rows; pass 1 walks d reading `h` once and accumulates
-[p | a] in fp32; pass 2 walks d again (re-reading the same rows, expected from L2) and writes `out`.
-One backward launch: the same two passes over `h` and `dout` per row block, writing `dh` in pass 2 and
-accumulating the weight-gradient partials dp^T h, (s p)^T y, da^T h in fp32: atomically into one fp32
+[p | a] in fp32; pass 2 walks d again, last tile first (re-reading the same rows, expected from L2), and
+writes `out`. One backward launch: the same two passes over `h` and `dout` per row block, writing `dh` in
+pass 2 and accumulating the fp32 weight-gradient partials [dp | da]^T h and (s p)^T y: atomically into one
 buffer (default) or, with deterministic=True, into one buffer per program (each program owns a fixed
 contiguous range of row blocks), summed afterwards by torch in a fixed order.
 
-Kernels are wrapped lazily: on CUDA tensors they are compiled by Triton, on CPU tensors they run in the
-Triton interpreter (`TRITON_INTERPRET` only has to be set by callers that want to force the interpreter;
-this module never depends on when triton was first imported). Float64 (and CPU without the interpreter)
-dispatches to the same folded math written in PyTorch (`_torch_forward` / `_torch_backward`): that is the
-path `torch.autograd.gradcheck` exercises.
+Kernels are wrapped lazily and use only Triton builtins: CUDA tensors get them compiled, CPU tensors run
+them in the Triton interpreter, whenever triton was first imported. The public entry points take the
+kernel path for CUDA tensors, and for CPU tensors only under TRITON_INTERPRET=1; float64, rank > 127 and
+CPU without the interpreter dispatch to the same folded math in PyTorch (`_torch_forward` /
+`_torch_backward`), the path `torch.autograd.gradcheck` exercises.
 
 Public entry points: `gated_loreft_triton` (linear gate) and `gated_loreft_logit_triton` (MLP gate), both
 differentiable custom ops (`torch.library.custom_op`) that trace under `torch.compile` without graph breaks.
@@ -524,7 +528,7 @@ def _torch_forward(h, ag, rot, bias, logit, rows, threshold):
     s = torch.sigmoid(a)
     keep = _edit_mask(s, rows, threshold)
     new = (hc + (s[:, None] * pa[:, :r]) @ rot.to(ct)).to(h.dtype)
-    return torch.where(keep[:, None], new, h), s
+    return torch.where(keep[:, None], new, h).contiguous(), s
 
 
 def _torch_backward(h, dout, dgate, ag, rot, bias, logit, rows, threshold):
