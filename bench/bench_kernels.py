@@ -141,6 +141,7 @@ def make_step(provider: str, mode: str, inputs: dict, fn: Callable | None = None
         torch.autograd.backward([out, gate], [dout, dgate.to(gate.dtype)])
         return leaves[0].grad
 
+    step.leaves = leaves  # so peak_memory_mib can drop the previous call's gradients first
     return step
 
 
@@ -181,6 +182,8 @@ def peak_memory_mib(step: Callable, device: str) -> float | str:
     """Peak CUDA memory of one call above what was allocated before it."""
     if device != "cuda":
         return ""
+    for t in getattr(step, "leaves", []):
+        t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -248,12 +251,11 @@ def print_table(rows: list[dict]) -> None:
         by_case.setdefault((row["mode"], row["rows"]), {})[row["provider"]] = row
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     head = f"{'mode':8s} {'rows':>6s} " + " ".join(f"{p + ' ms':>13s}" for p in providers)
-    extra = "triton" in providers and any("roofline" in r for r in rows)
+    roof = [p for p in ("triton", "torch") if p in providers] if any("roofline" in r for r in rows) else []
     ratio_to = "torch" if "torch" in providers else None
     if "triton" in providers and ratio_to:
         head += f" {'torch/triton':>13s}"
-    if extra:
-        head += f" {'triton %roof':>13s}"
+    head += "".join(f" {p + ' %roof':>13s}" for p in roof)
     if any(r.get("peak_mib") not in ("", None) for r in rows):
         head += " " + " ".join(f"{p + ' MiB':>13s}" for p in providers)
     print(head)
@@ -261,8 +263,7 @@ def print_table(rows: list[dict]) -> None:
         line = f"{mode:8s} {n:6d} " + " ".join(f"{case[p]['median']:13.4f}" for p in providers if p in case)
         if "triton" in case and ratio_to in case:
             line += f" {case[ratio_to]['median'] / case['triton']['median']:13.2f}"
-        if extra and "triton" in case:
-            line += f" {100 * case['triton'].get('roofline', float('nan')):12.1f}%"
+        line += "".join(f" {100 * case[p].get('roofline', float('nan')):12.1f}%" for p in roof if p in case)
         if any(case[p].get("peak_mib") not in ("", None) for p in case):
             line += " " + " ".join(f"{case[p]['peak_mib']:13.1f}" for p in providers if p in case)
         print(line)

@@ -578,7 +578,7 @@ def _prep(h, rotation, weight, bias, gate_weight, gate_bias, logit, rows):
     pt = torch.float64 if h.dtype == torch.float64 else torch.float32
     ag, rot, bias_ext = fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
     logit2 = None if logit is None else logit.reshape(-1).to(pt).contiguous()
-    rows2 = None if rows is None else rows.reshape(-1).to(torch.int8).contiguous()
+    rows2 = None if rows is None else rows.reshape(-1).contiguous().view(torch.int8)  # bool -> int8, no copy
     return _flat_rows(h), ag, rot, bias_ext, logit2, rows2
 
 
