@@ -303,3 +303,27 @@ def test_nan_loss_names_the_step(tiny, data, tmp_path, monkeypatch):
         unlearn(model, tok, forget, retain, layers=[2], max_steps=3, out=tmp_path / "o", **FAST)
     assert_untouched(model, tmp_path / "o" / "adapter_config.json")
     assert grun_fast.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("positions", ["all", "mask"])
+def test_other_edit_modes_train(tiny, data, positions):
+    model, tok = tiny
+    forget, retain = data
+    result = unlearn(model, tok, forget, retain, layers=[2], positions=positions, max_steps=2, **FAST)
+    log = [h for h in result.log_history if "gate_forget" in h]
+    assert log and 0 < log[-1]["gate_forget"] < 1
+    assert grun_fast.adapter_config(model).positions == positions
+
+
+def test_bfloat16_model_and_document_rows(data):
+    from grun_fast.data import chunk_document
+    forget, retain = data
+    model, tok = untrained_tiny(forget + retain, 32, 4)
+    model.to(torch.bfloat16)
+    text = " ".join(r["answer"] for r in forget)
+    docs = chunk_document(text, chunk_words=12, prefix_words=4) + chunk_document(text, 12, prefix_words=None)
+    result = unlearn(model, tok, docs, retain, layers=[1, 3], max_steps=2, **FAST)
+    assert result.global_step == 2
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "grun" not in n)
+    R = grun_fast.adapter_modules(model)[1].orthonormal_rotation().float()
+    assert torch.allclose(R @ R.T, torch.eye(4), atol=1e-4)
