@@ -34,6 +34,8 @@ differentiable custom ops (`torch.library.custom_op`) that trace under `torch.co
 from __future__ import annotations
 
 import os
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -573,17 +575,42 @@ def _use_kernel(h: torch.Tensor, rank: int) -> bool:
     return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _prep(h, rotation, weight, bias, gate_weight, gate_bias, logit, rows):
+_FOLD_CACHE: "OrderedDict[tuple, tuple[list, tuple]]" = OrderedDict()
+_FOLD_CACHE_SIZE = 64  # adapters (layers x names) whose folded parameters are kept for inference
+
+
+def _folded(pt, rotation, weight, bias, gate_weight, gate_bias, cache: bool):
+    """fold_parameters, memoised for inference: keyed on identity, storage and version counter of every
+    parameter (an optimizer step or a `.data` swap misses), validated through weak references."""
+    if not cache:
+        return fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
+    params = [t for t in (rotation, weight, bias, gate_weight, gate_bias) if t is not None]
+    try:
+        key = (pt, gate_weight is None) + tuple((id(t), t.data_ptr(), t._version) for t in params)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
+    hit = _FOLD_CACHE.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], params)):
+        _FOLD_CACHE.move_to_end(key)
+        return hit[1]
+    value = fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
+    _FOLD_CACHE[key] = ([weakref.ref(t) for t in params], value)
+    while len(_FOLD_CACHE) > _FOLD_CACHE_SIZE:
+        _FOLD_CACHE.popitem(last=False)
+    return value
+
+
+def _prep(h, rotation, weight, bias, gate_weight, gate_bias, logit, rows, cache=False):
     """h as [n, d], the folded parameters (fp32, or float64 for float64 h), logit and rows flattened."""
     pt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    ag, rot, bias_ext = fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
+    ag, rot, bias_ext = _folded(pt, rotation, weight, bias, gate_weight, gate_bias, cache)
     logit2 = None if logit is None else logit.reshape(-1).to(pt).contiguous()
     rows2 = None if rows is None else rows.reshape(-1).contiguous().view(torch.int8)  # bool -> int8, no copy
     return _flat_rows(h), ag, rot, bias_ext, logit2, rows2
 
 
-def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
-    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows)
+def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold, cache=False):
+    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows, cache)
     if _use_kernel(h, rotation.shape[0]):
         out, gate = forward_2d(h2, ag, rot, bias_ext, logit2, rows2, threshold)
     else:
@@ -741,6 +768,14 @@ def _check(h, rotation, weight, bias, rows, gate_threshold):
             raise GRUNError(f"{name} is on {t.device} but h is on {h.device}")
 
 
+def _no_autograd(*tensors: torch.Tensor) -> bool:
+    """Inference outside torch.compile: call the implementation directly, skipping the custom-op
+    dispatcher, and reuse folded parameters (host overhead is most of the cost at a few rows)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def gated_loreft_triton(
     h: torch.Tensor,
     rotation: torch.Tensor,
@@ -763,8 +798,10 @@ def gated_loreft_triton(
         raise GRUNError(f"gate_weight must have {d} elements, got shape {tuple(gate_weight.shape)}")
     if gate_bias.numel() != 1:
         raise GRUNError(f"gate_bias must be a scalar ([] or [1]), got shape {tuple(gate_bias.shape)}")
-    return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows,
-                   None if gate_threshold is None else float(gate_threshold), bool(deterministic))
+    threshold = None if gate_threshold is None else float(gate_threshold)
+    if _no_autograd(h, rotation, weight, bias, gate_weight, gate_bias):
+        return _fwd_impl(h, rotation, weight, bias, gate_weight, gate_bias, None, rows, threshold, cache=True)
+    return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, bool(deterministic))
 
 
 def gated_loreft_logit_triton(
@@ -781,5 +818,7 @@ def gated_loreft_logit_triton(
     _check(h, rotation, weight, bias, rows, gate_threshold)
     if tuple(gate_logit.shape) != tuple(h.shape[:-1]):
         raise GRUNError(f"gate_logit must have shape {tuple(h.shape[:-1])}, got {tuple(gate_logit.shape)}")
-    return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows,
-                         None if gate_threshold is None else float(gate_threshold), bool(deterministic))
+    threshold = None if gate_threshold is None else float(gate_threshold)
+    if _no_autograd(h, rotation, weight, bias, gate_logit):
+        return _fwd_impl(h, rotation, weight, bias, None, None, gate_logit, rows, threshold, cache=True)
+    return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows, threshold, bool(deterministic))

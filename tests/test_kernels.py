@@ -275,3 +275,30 @@ def test_cuda_path_compiles_for_sm90_without_spills():
     for compiled in (fwd, bwd):
         usage = compiled.resources()
         assert usage["stack"] == 0 and usage["local"] == 0, (compiled.name, usage)  # no register spills
+
+
+def test_inference_reuses_folded_parameters_until_they_change():
+    h, R, W, b, wg, c = make((6,), 32, 2, torch.float32)
+    with torch.no_grad():
+        first, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
+        again, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
+        assert torch.equal(first, again)
+        W.add_(0.5)  # an optimizer-style in-place update must not be served from the cache
+        changed, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
+    want, _ = ref_out(h.double(), R.double(), W.double(), b.double(), h.double() @ wg.double() + c.double(),
+                      None, None)
+    assert not torch.equal(changed, first) and rel(changed, want) < 1e-5
+
+
+def test_expanded_upstream_gradients():
+    """out.sum() hands the backward a stride-0 gradient; the kernels read it through its strides."""
+    h, R, W, b, wg, c = make((3, 5), 40, 3, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
+    out, gate = K.gated_loreft_triton(*leaves)
+    (out.sum() + gate.sum()).backward()
+    _, _, want = ref_grads((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None,
+                           torch.ones(3, 5, 40), torch.ones(3, 5))
+    tols = grad_tolerances((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None,
+                           torch.ones(3, 5, 40), torch.ones(3, 5), want, 1e-5)
+    for name, leaf, w, t in zip(NAMES, leaves, want, tols):
+        assert rel(leaf.grad, w) < t, name
