@@ -27,7 +27,6 @@ import contextlib
 import csv
 import datetime as dt
 import json
-import os
 import platform
 import statistics
 import subprocess

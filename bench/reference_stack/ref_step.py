@@ -44,6 +44,7 @@ def _quiet_imports():
 
 
 pyreft, pyvene, transformers = _quiet_imports()
+transformers.logging.set_verbosity_error()   # its notice about v4.46 logits dtypes is noise here
 
 
 class GatedLoreftIntervention(pyvene.SourcelessIntervention, pyvene.TrainableIntervention,
