@@ -42,7 +42,7 @@ REF_DIR = HERE / "reference_stack"
 REF_VENV = REPO / ".cache" / "ref_venv"
 RESULTS = HERE / "results" / "training.csv"
 sys.path.insert(0, str(REF_DIR))
-from common import gd_loss, load_config, make_batches  # noqa: E402
+from workload import gd_loss, load_config, make_batches  # noqa: E402
 
 CSV_FIELDS = ["op", "provider", "mode", "x", "median", "p20", "p80", "unit", "n", "device", "date",
               "model", "batch", "layers", "rank", "versions"]

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import gd_loss, load_config, make_batches
+from workload import gd_loss, load_config, make_batches
 
 
 

@@ -1,4 +1,4 @@
-"""What both sides of the training benchmark share: the config file and the batches (torch only).
+"""The workload both sides of the training benchmark run: config, token rows, GD loss (torch only).
 
 Imported by ref_step.py (reference venv) and bench/bench_training_vs_reference.py (project venv), so
 both time the same model shape on the same token rows.
