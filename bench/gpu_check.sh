@@ -18,8 +18,9 @@ DEST=${OUT:-bench/results}
 mkdir -p "$DEST" bench/results
 LOG="$DEST/gpu_check_${STAMP}.log"
 CSV="bench/results/kernels.csv"
-exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1  # a step cut by its timeout still leaves its lines in the log
 
+main() {
 echo "== gpu_check $STAMP"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory --format=csv || true
 $PY - <<'EOF'
@@ -29,7 +30,7 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, cuda {torch.vers
 EOF
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: run 'python bench/bench_kernels.py --quick' and '--check --quick' on CPU instead"
-    exit 2
+    return 2
 fi
 
 status=0
@@ -48,4 +49,8 @@ if [ "$DEST" != "bench/results" ] && [ -f "$CSV" ]; then
     cp "$CSV" "$DEST/kernels.csv"
 fi
 echo; echo "== done: status $status; log $LOG"
-exit $status
+return $status
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
