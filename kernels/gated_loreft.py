@@ -321,16 +321,18 @@ def _tile_d(d: int, rp: int, widest: int, warps: int, per_thread: int) -> int:
 
 
 def _fwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps). Few rows: one program walks all of d, so take wide d tiles (fewer
-    dependent iterations). Many rows: 16-row blocks keep the pass-2 re-read of each block small
+    """(BLOCK_M, BLOCK_D, num_warps). Few rows: one program walks all of d, so take wide d tiles and
+    more warps (fewer dependent iterations; <= 16 rows of 16-bit: 512-wide tiles, 16 warps). Many rows: 16-row blocks keep the pass-2 re-read of each block small
     (16 x 4096 x 2 B = 128 KiB per program). fp32 inputs (3xTF32 splits every operand) get half the tile.
     Starting points, checked for spills with `python -m grun_fast.kernels.aot`, to be tuned on a GPU with
     `bench_kernels.py --sweep`."""
     small = n <= 64
-    warps = CONFIG_OVERRIDES.get("fwd_warps", 8 if small or rp >= 64 else 4)
+    tiny = n <= 16 and dtype != torch.float32  # 3xTF32 needs more than 128 registers a thread
+    warps = CONFIG_OVERRIDES.get("fwd_warps", 16 if tiny else 8 if small or rp >= 64 else 4)
     per_thread = 16 if dtype != torch.float32 else 8
     block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("fwd_block_d", _tile_d(d, rp, 256 if small else 128, warps, per_thread))
+    widest = 512 if tiny else 256 if small else 128
+    block_d = CONFIG_OVERRIDES.get("fwd_block_d", _tile_d(d, rp, widest, warps, per_thread))
     return block_m, block_d, warps
 
 
@@ -338,10 +340,12 @@ def _bwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, 
     """(BLOCK_M, BLOCK_D, num_warps) of the backward: two weight tiles per pass and two [RP, BLOCK_D] fp32
     gradient partials, so half the forward's d tile."""
     small = n <= 64
-    warps = CONFIG_OVERRIDES.get("bwd_warps", 8 if small or rp >= 64 else 4)
+    tiny = n <= 16 and dtype != torch.float32  # 3xTF32 needs more than 128 registers a thread
+    warps = CONFIG_OVERRIDES.get("bwd_warps", 16 if tiny else 8 if small or rp >= 64 else 4)
     per_thread = 8 if dtype != torch.float32 else 4
     block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16)
-    block_d = CONFIG_OVERRIDES.get("bwd_block_d", _tile_d(d, rp, 128 if small else 64, warps, per_thread))
+    widest = 256 if tiny else 128 if small else 64
+    block_d = CONFIG_OVERRIDES.get("bwd_block_d", _tile_d(d, rp, widest, warps, per_thread))
     return block_m, block_d, warps
 
 

@@ -87,6 +87,7 @@ CASES = [
     ((1,), 96, 1, torch.float32, False, False, False, False),
     ((33,), 80, 4, torch.bfloat16, True, True, False, False),
     ((2, 9), 48, 4, torch.float16, True, False, True, False),
+    ((5,), 600, 4, torch.bfloat16, True, False, True, False),  # <= 16 rows: 512-wide tiles, 16 warps
 ]
 
 
@@ -272,7 +273,8 @@ def test_cuda_path_compiles_for_sm90_without_spills():
         if "ptxas" in str(err) or "backend" in str(err).lower():
             pytest.skip(f"cannot compile for sm_90 here: {err}")
         raise
-    for compiled in (fwd, bwd):
+    tiny = [build(8, 4096, 4, torch.bfloat16, 90) for build in (aot.compile_forward, aot.compile_backward)]
+    for compiled in (fwd, bwd, *tiny):
         usage = compiled.resources()
         assert usage["stack"] == 0 and usage["local"] == 0, (compiled.name, usage)  # no register spills
 
