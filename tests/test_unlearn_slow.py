@@ -60,11 +60,13 @@ def tofu_base():
     return forget, retain, model, tok
 
 
-@pytest.mark.parametrize("method", ["gd", "npo"])
-def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method):
+# NPO's forget term at the reference scale (x100) swamps the gate loss on this tiny model (measured: retain
+# ROUGE-L 0.997 -> 0.69, retain gate 0.28); x10 and x1 keep the gate sharp, so the test uses x10.
+@pytest.mark.parametrize("method, extra", [("gd", {}), ("npo", {"forget_scale": 10.0})])
+def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method, extra):
     forget, retain, model, tok = tofu_base
     check_forgets(copy.deepcopy(model), tok, forget, retain, method, layers=[2, 3], max_steps=120,
-                  max_length=160)
+                  max_length=160, **extra)
 
 
 def _free_port() -> int:
