@@ -27,6 +27,16 @@ needs_tofu = pytest.mark.skipif(not (TOFU_DIR / "forget01_perturbed.json").is_fi
 LN = math.log
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs cost more
+    than the work (these tests ran 4x slower with 2 threads on the 2-core CI machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- metrics, by hand ---------------------------------------------------------------------------
 
 def test_answer_probability_by_hand():
@@ -417,9 +427,16 @@ def test_eval_and_compare_commands_on_tofu(tmp_path, capsys):
     grun_fast.patch(model, grun_fast.GRUNConfig(layers=[1]))
     grun_fast.save_adapter(model, tmp_path / "adapter")
     common = dict(data=TOFU_DIR, split="forget01", max_rows=4, max_new_tokens=4, batch_size=8, quiet=True)
-    args = _eval_args(model=tmp_path / "retain", out=tmp_path / "retain_run", **common)
-    assert command.run(args) == 0
-    args = _eval_args(model=model_dir, adapter=[tmp_path / "adapter"], out=tmp_path / "grun",
+    from grun_fast.cli import main
+
+    argv = ["eval", "--model", str(tmp_path / "retain"), "--out", str(tmp_path / "retain_run")]
+    argv += [a for k, v in common.items() for a in ((f"--{k.replace('_', '-')}",) if v is True
+                                                     else (f"--{k.replace('_', '-')}", str(v)))]
+    assert main(argv) == 0
+    mc = tmp_path / "wmdp_tiny.jsonl"
+    mc.write_text("".join(json.dumps({"question": r["question"], "choices": [r["answer"], "no", "yes", "maybe"],
+                                      "answer": 0}) + "\n" for r in splits["world_facts"]))
+    args = _eval_args(model=model_dir, adapter=[tmp_path / "adapter"], out=tmp_path / "grun", mc=[mc],
                       retain_eval=tmp_path / "retain_run" / "eval.json", **common)
     assert command.run(args) == 0
     for name in ("eval.json", "summary.md", "eval.png"):
@@ -431,7 +448,9 @@ def test_eval_and_compare_commands_on_tofu(tmp_path, capsys):
     assert 0 <= res["forget_quality"]["forget01"] <= 1 and res["model_utility"] is not None
     assert set(res["splits"]["forget01"]["gate"]["default"]) == {"1"}
     assert run["baseline"]["splits"]["forget01"]["gate"] == {}
-    assert "| with adapter | forget01 |" in (tmp_path / "grun" / "summary.md").read_text()
+    summary = (tmp_path / "grun" / "summary.md").read_text()
+    assert "| with adapter | forget01 |" in summary and "| with adapter | wmdp_tiny | 4 |" in summary
+    assert res["multiple_choice"]["wmdp_tiny"]["n"] == 4 and "multiple_choice" in run["baseline"]
     # the retain model against itself: identical truth ratios, forget quality 1
     retain_run = json.loads((tmp_path / "retain_run" / "eval.json").read_text())
     assert retain_run["metrics"]["forget_quality"] == {}
