@@ -322,7 +322,8 @@ def _tile_d(d: int, rp: int, widest: int, warps: int, per_thread: int) -> int:
 
 def _fwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps). Few rows: one program walks all of d, so take wide d tiles and
-    more warps (fewer dependent iterations; <= 16 rows of 16-bit: 512-wide tiles, 16 warps). Many rows: 16-row blocks keep the pass-2 re-read of each block small
+    more warps (fewer dependent iterations; <= 16 rows of 16-bit: 512-wide tiles, 16 warps). Many rows:
+    16-row blocks keep the pass-2 re-read of each block small
     (16 x 4096 x 2 B = 128 KiB per program). fp32 inputs (3xTF32 splits every operand) get half the tile.
     Starting points, checked for spills with `python -m grun_fast.kernels.aot`, to be tuned on a GPU with
     `bench_kernels.py --sweep`."""
