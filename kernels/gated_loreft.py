@@ -764,12 +764,12 @@ def _check(h, rotation, weight, bias, rows, gate_threshold):
     if rows is not None and tuple(rows.shape) != tuple(h.shape[:-1]):
         raise GRUNError(f"rows must have shape {tuple(h.shape[:-1])} (h without its last dim), got "
                         f"{tuple(rows.shape)}")
-    if rows is not None and rows.dtype != torch.bool:
-        raise GRUNError(f"rows must be a bool mask, got {rows.dtype}")
+    if rows is not None and rows.is_floating_point():
+        raise GRUNError(f"rows must be a bool (or integer) mask, got {rows.dtype}")
     if gate_threshold is not None and not 0.0 <= float(gate_threshold) <= 1.0:
         raise GRUNError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
-    for name, t in (("rotation", rotation), ("weight", weight), ("bias", bias)):
-        if t.device != h.device:
+    for name, t in (("rotation", rotation), ("weight", weight), ("bias", bias), ("rows", rows)):
+        if t is not None and t.device != h.device:
             raise GRUNError(f"{name} is on {t.device} but h is on {h.device}")
 
 
@@ -804,6 +804,7 @@ def gated_loreft_triton(
     if gate_bias.numel() != 1:
         raise GRUNError(f"gate_bias must be a scalar ([] or [1]), got shape {tuple(gate_bias.shape)}")
     threshold = None if gate_threshold is None else float(gate_threshold)
+    rows = None if rows is None else rows.to(torch.bool)
     if _no_autograd(h, rotation, weight, bias, gate_weight, gate_bias):
         return _fwd_impl(h, rotation, weight, bias, gate_weight, gate_bias, None, rows, threshold, cache=True)
     return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, bool(deterministic))
@@ -824,6 +825,7 @@ def gated_loreft_logit_triton(
     if tuple(gate_logit.shape) != tuple(h.shape[:-1]):
         raise GRUNError(f"gate_logit must have shape {tuple(h.shape[:-1])}, got {tuple(gate_logit.shape)}")
     threshold = None if gate_threshold is None else float(gate_threshold)
+    rows = None if rows is None else rows.to(torch.bool)
     if _no_autograd(h, rotation, weight, bias, gate_logit):
         return _fwd_impl(h, rotation, weight, bias, None, None, gate_logit, rows, threshold, cache=True)
     return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows, threshold, bool(deterministic))
