@@ -12,8 +12,8 @@ edits block_output of each chosen layer at the last prompt token of each row), l
 
 Modes:
   ref_step.py [--config JSON] [--steps N --warmup W]   one measurement, JSON on stdout
-  ref_step.py [--config JSON] --serve                    read "step N" / "plain N" / "quit" lines on
-                                                       stdin, answer each with one JSON line
+  ref_step.py [--config JSON] --serve                  read "step N [W]" / "plain N [W]" / "quit"
+                                                       lines on stdin, answer each with one JSON line
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from workload import gd_loss, load_config, make_batches
-
 
 
 def _quiet_imports():
