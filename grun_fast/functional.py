@@ -65,16 +65,19 @@ def gated_loreft(
     *,
     gate_threshold: float | None = None,
     impl: str = "auto",
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated LoReFT on hidden states `h` [..., d] with a linear gate; returns (out, gate).
 
     Same contract as `grun_fast.reference.gated_loreft`; `gate` is fp32. Differentiable in every tensor.
     impl: "auto" (Triton on CUDA, PyTorch otherwise; env GRUN_FAST_IMPL changes what auto picks),
     "torch", or "triton" (on CPU only under TRITON_INTERPRET=1).
+    deterministic: the Triton backward reduces weight gradients in a fixed order (bitwise repeatable).
     """
     if resolve_impl(impl, h) == "triton":
         return _kernels().gated_loreft_triton(
-            h, rotation, weight, bias, gate_weight, gate_bias, rows=rows, gate_threshold=gate_threshold
+            h, rotation, weight, bias, gate_weight, gate_bias, rows=rows, gate_threshold=gate_threshold,
+            deterministic=deterministic,
         )
     folded = fold(rotation, weight, bias, gate_weight, gate_bias, h.dtype)
     return gated_loreft_folded(h, folded, rows=rows, gate_threshold=gate_threshold)
@@ -90,11 +93,13 @@ def gated_loreft_logit(
     *,
     gate_threshold: float | None = None,
     impl: str = "auto",
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated LoReFT whose gate logit [...] was computed by the caller (the MLP gate)."""
     if resolve_impl(impl, h) == "triton":
         return _kernels().gated_loreft_logit_triton(
-            h, rotation, weight, bias, gate_logit, rows=rows, gate_threshold=gate_threshold
+            h, rotation, weight, bias, gate_logit, rows=rows, gate_threshold=gate_threshold,
+            deterministic=deterministic,
         )
     folded = fold(rotation, weight, bias, None, None, h.dtype)
     return gated_loreft_folded(h, folded, gate_logit=gate_logit, rows=rows, gate_threshold=gate_threshold)
