@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     retain_model, _ = cached_model(cache, "retain", data["train_retain"], plan, tokenizer=tokenizer)
 
     _say(f"[3/4] GRUN adapter, gated {args.method.upper()}, on the forget split")
-    from grun_fast.unlearn.trainer import unlearn
+    from grun_fast.unlearn import unlearn
 
     adapter_dir = out / "adapter"
     result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
