@@ -8,7 +8,7 @@ forward (the rest is tokenisation, padding and bookkeeping) and checks both give
 
     python -m bench.bench_eval                       # TOFU forget10 ($GRUN_TOFU_DIR or ../shared/data/tofu)
     python -m bench.bench_eval --repeats 5 --batch-size 32 --threads 0
-Appends rows to bench/results/eval.csv.
+Appends rows to bench/results/results.csv.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import grun_fast
-from bench.common import append_rows, device_name, quantiles, time_interleaved, today
+from bench.common import append_rows, device_name, now, quantiles, time_interleaved
 from grun_fast.evaluation.scoring import answer_nll, gate_modules
 from grun_fast.testing import make_tiny_tokenizer, tiny_llama
 
@@ -67,7 +67,7 @@ class ForwardTimer:
         self.model.forward = self._forward
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="forget10")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared CPU, multi-threaded timings of small ops "
                              "measure OpenMP contention more than the code; 0 keeps torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -115,14 +115,15 @@ def main() -> None:
     device = device_name("cpu")
     config = (f"{source} {len(rows)} questions {len(jobs)} sequences; llama d{args.hidden} L{args.layers} "
               f"vocab {len(tokenizer)}; grun layers {adapter_layers}; repeats {args.repeats}")
-    base = dict(op="eval_scoring", mode=args.split, x=len(jobs), device=device, date=today(), config=config)
+    base = dict(op="eval_scoring", mode=args.split, rows=len(jobs), d=args.hidden, dtype="fp32", device=device,
+                date=now(), config=config)
     csv_rows = [
         dict(base, provider="batched", median=b[0], p20=b[1], p80=b[2], unit="s", batch=args.batch_size),
         dict(base, provider="one_by_one", median=o[0], p20=o[1], p80=o[2], unit="s", batch=1),
         dict(base, provider="speedup", median=ratio, unit="x", batch=args.batch_size),
         dict(base, provider="batched_model_share", median=share, unit="fraction", batch=args.batch_size),
     ]
-    path = append_rows("eval.csv", csv_rows)
+    path = append_rows(csv_rows)
     print(f"{config}\n{device}")
     print(f"batched (B={args.batch_size}): median {b[0]:.2f} s (p20 {b[1]:.2f}, p80 {b[2]:.2f})")
     print(f"one by one:       median {o[0]:.2f} s (p20 {o[1]:.2f}, p80 {o[2]:.2f})")

@@ -5,7 +5,7 @@
     python bench/bench_kernels.py --check         # kernels vs a float64 reference (outputs, all gradients)
     python bench/bench_kernels.py --sweep         # Triton block sizes at the largest row count (CUDA)
 
-Prints a table and appends rows to bench/results/kernels.csv (median/p20/p80 in milliseconds; peak_mib is
+Prints a table and appends rows to bench/results/results.csv (median/p20/p80 in milliseconds; peak_mib is
 the peak CUDA memory of one forward+backward above the inputs). On CUDA each timed call starts with a
 cold L2 (a 256 MiB buffer is zeroed before it, outside the timed region) and providers run round-robin;
 with --bandwidth the copy bandwidth is measured too and each row shows the fraction of the roofline
@@ -14,7 +14,6 @@ reached (bytes: read h + write out forward; plus read h, dout + write dh backwar
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import sys
 import time
@@ -60,13 +59,10 @@ def ensure_importable() -> str:
 
 IMPORT_MODE = ensure_importable()
 
-from bench.common import device_name, quantiles, today  # noqa: E402
+from bench.common import append_rows, cuda_peak_mib, device_name, quantiles, results_path, today  # noqa: E402
 from grun_fast import functional, reference  # noqa: E402
 from grun_fast.kernels import gated_loreft as K  # noqa: E402
 
-CSV_PATH = REPO / "bench" / "results" / "kernels.csv"
-COLUMNS = ["op", "provider", "mode", "rows", "d", "r", "dtype", "median", "p20", "p80", "unit", "peak_mib",
-           "device", "date"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("triton", "torch", "reference", "compile")
 EXTRA_PROVIDERS = ("triton-det",)  # the kernels with deterministic=True (on request: --providers)
@@ -179,17 +175,10 @@ class Timer:
 
 
 def peak_memory_mib(step: Callable, device: str) -> float | str:
-    """Peak CUDA memory of one call above what was allocated before it."""
-    if device != "cuda":
-        return ""
+    """Peak CUDA memory of one call above what was allocated before it (the previous grads dropped)."""
     for t in getattr(step, "leaves", []):
         t.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return cuda_peak_mib(step, device)
 
 
 def copy_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 20) -> float:
@@ -274,18 +263,6 @@ def print_table(rows: list[dict]) -> None:
         if any(case[p].get("peak_mib") not in ("", None) for p in case):
             line += " " + " ".join(f"{case[p]['peak_mib']:13.1f}" for p in providers if p in case)
         print(line)
-
-
-def append_csv(rows: list[dict], path: Path = CSV_PATH) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return path
 
 
 # ---- correctness check (float64 reference) --------------------------------------------------------------
@@ -477,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bandwidth", action="store_true", help="measure copy bandwidth, report %% of roofline")
-    parser.add_argument("--no-csv", action="store_true", help="do not append to bench/results/kernels.csv")
-    parser.add_argument("--csv", type=Path, default=CSV_PATH)
+    parser.add_argument("--no-csv", action="store_true", help="do not append to bench/results/results.csv")
+    parser.add_argument("--csv", type=Path, default=None, help="the results CSV (default bench/results/results.csv)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: two OpenMP threads on a loaded 2-core box thrash)")
     parser.add_argument("--check", action="store_true", help="correctness vs float64 instead of timing")
@@ -515,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = bench(args)
     if not args.no_csv:
-        print(f"appended {len(results)} rows to {append_csv(results, args.csv)}")
+        print(f"appended {len(results)} rows to {append_rows(results, path=args.csv or results_path())}")
     return 0
 
 

@@ -10,28 +10,22 @@ Both modules hold the same parameters (checked: same output), run under torch.in
 hidden states [1, T, d] (default d = 4096, r = 4, T = 1), timed alternately. Medians of --runs runs;
 each run times --calls calls of ours (per-call mean) and --ref-calls calls of the reference module.
 
-Usage: python bench/bench_module.py [--hidden 4096 --rank 4 --tokens 1 --runs 7]
-Prints the ratio (target >= 100x) and appends rows to bench/results/module.csv.
+With --modes fwd+bwd, also one training forward+backward of each (ours recomputes R by QR then).
+
+Usage: python -m bench.bench_module [--hidden 4096 --rank 4 --tokens 1 --runs 7 --modes fwd fwd+bwd]
+Prints the ratio (target >= 100x) and appends rows to bench/results/results.csv.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import grun_fast
-
-RESULTS = Path(__file__).resolve().parent / "results" / "module.csv"
-CSV_FIELDS = ["op", "provider", "mode", "x", "median", "p20", "p80", "unit", "n", "device", "date",
-              "hidden", "rank", "tokens", "versions"]
+from bench.common import append_rows, device_name, now, quantiles
 
 
 class ReorthogonalisingGatedLoReFT(nn.Module):
@@ -90,24 +84,71 @@ def per_call(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def _steps(ref, ours, h: torch.Tensor, mode: str):
+    """Zero-argument calls of one forward (inference) or one forward+backward (training) of each module."""
+    if mode == "fwd":
+        ref.eval(), ours.eval()
+
+        def ours_step():
+            with torch.inference_mode():
+                ours(h)
+
+        def ref_step():
+            with torch.inference_mode():
+                ref(h)
+
+        return ours_step, ref_step
+    ref.train(), ours.train()
+    hg = h.detach().clone().requires_grad_()
+
+    def ours_step():
+        out, gate = ours(hg)
+        (out.sum() + gate.sum()).backward()
+
+    def ref_step():
+        ref(hg).sum().backward()
+
+    return ours_step, ref_step
 
 
-def device_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+def measure(hidden: int = 4096, rank: int = 4, tokens: int = 1, runs: int = 7, calls: int = 2000,
+            ref_calls: int = 3, modes: tuple[str, ...] = ("fwd",)) -> list[dict]:
+    """Rows (results CSV) of ours vs the re-orthogonalising module, alternated run by run, per mode."""
+    ref, ours = matched_pair(hidden, rank)
+    err = check_same_output(ref, ours, hidden, tokens)
+    h = torch.randn(1, tokens, hidden)
+    rows = []
+    for mode in modes:
+        ours_step, ref_step = _steps(ref, ours, h, mode)
+        ours_calls = calls if mode == "fwd" else max(1, calls // 20)
+        per_call(ours_step, min(50, ours_calls))  # warm-up (builds our cache once)
+        per_call(ref_step, 1)
+        times = {"ours": [], "ref": []}
+        for _ in range(runs):
+            times["ours"].append(per_call(ours_step, ours_calls))
+            times["ref"].append(per_call(ref_step, ref_calls))
+        q = {k: quantiles(v) for k, v in times.items()}
+        run_ratios = [r / o for r, o in zip(times["ref"], times["ours"])]
+        qr = quantiles(run_ratios)
+        ratio = q["ref"][0] / q["ours"][0]
+        print(f"gated LoReFT module {mode}, d={hidden}, r={rank}, T={tokens}, fp32, {torch.get_num_threads()} "
+              f"threads, torch {torch.__version__}; outputs agree to {err:.1e}")
+        print(f"  grun_fast.GatedLoReFT ({'eval, cached R' if mode == 'fwd' else 'train'}): "
+              f"median {q['ours'][0] * 1e6:10.1f} us/call (p20 {q['ours'][1] * 1e6:.1f}, p80 {q['ours'][2] * 1e6:.1f})")
+        print(f"  re-orthogonalising per call (reference way): median {q['ref'][0] * 1e6:10.1f} us/call "
+              f"(p20 {q['ref'][1] * 1e6:.1f}, p80 {q['ref'][2] * 1e6:.1f})")
+        print(f"  ratio reference / ours = {ratio:.0f}x (per-run ratios p20 {qr[1]:.0f}x, p80 {qr[2]:.0f}x"
+              f"{'; target >= 100x' if mode == 'fwd' else ''})")
+        common = {"op": "module", "mode": mode, "rows": tokens, "d": hidden, "r": rank, "dtype": "fp32",
+                  "device": device_name(), "date": now(), "n": runs,
+                  "versions": f"torch {torch.__version__}; grun_fast {grun_fast.__version__}"}
+        for key, provider, how in (("ours", "grun_fast", "eval_cached_R" if mode == "fwd" else "train"),
+                                   ("ref", "torch_orthogonal", "reorthogonalise_per_call")):
+            rows.append(dict(common, provider=provider, median=q[key][0], p20=q[key][1], p80=q[key][2], unit="s",
+                             how=how))
+        rows.append(dict(common, op="module_ratio", provider="torch_orthogonal/grun_fast", median=ratio,
+                         p20=qr[1], p80=qr[2], unit="ratio"))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -116,8 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--runs", type=int, default=7, help="timed runs per module (>= 5)")
-    ap.add_argument("--calls", type=int, default=2000, help="calls of ours per run")
+    ap.add_argument("--calls", type=int, default=2000, help="calls of ours per run (forward; /20 for fwd+bwd)")
     ap.add_argument("--ref-calls", type=int, default=3, help="calls of the reference module per run")
+    ap.add_argument("--modes", nargs="+", default=["fwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
@@ -125,54 +167,9 @@ def main(argv=None) -> int:
         ap.error("--runs must be at least 5")
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    ref, ours = matched_pair(args.hidden, args.rank)
-    err = check_same_output(ref, ours, args.hidden, args.tokens)
-    h = torch.randn(1, args.tokens, args.hidden)
-    times = {"ours": [], "ref": []}
-    with torch.inference_mode():
-        per_call(lambda: ours(h), 50)          # warm-up (builds our cache once)
-        per_call(lambda: ref(h), 1)
-        for _ in range(args.runs):
-            times["ours"].append(per_call(lambda: ours(h), args.calls))
-            times["ref"].append(per_call(lambda: ref(h), args.ref_calls))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["ref"] / med["ours"]
-    run_ratios = [r / o for r, o in zip(times["ref"], times["ours"])]
-
-    print(f"gated LoReFT forward, d={args.hidden}, r={args.rank}, T={args.tokens}, inference_mode, fp32, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; outputs agree to {err:.1e}")
-    print(f"  grun_fast.GatedLoReFT (eval, cached R):       median {med['ours'] * 1e6:10.1f} us/call "
-          f"(p20 {quantile(times['ours'], .2) * 1e6:.1f}, p80 {quantile(times['ours'], .8) * 1e6:.1f})")
-    print(f"  re-orthogonalising per call (reference way): median {med['ref'] * 1e6:10.1f} us/call "
-          f"(p20 {quantile(times['ref'], .2) * 1e6:.1f}, p80 {quantile(times['ref'], .8) * 1e6:.1f})")
-    print(f"  ratio reference / ours = {ratio:.0f}x (per-run ratios p20 {quantile(run_ratios, .2):.0f}x, "
-          f"p80 {quantile(run_ratios, .8):.0f}x; target >= 100x)")
-
+    rows = measure(args.hidden, args.rank, args.tokens, args.runs, args.calls, args.ref_calls, tuple(args.modes))
     if not args.no_csv:
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        common = {"x": args.tokens, "device": device_name(), "date": now, "hidden": args.hidden,
-                  "rank": args.rank, "tokens": args.tokens,
-                  "versions": f"torch {torch.__version__}; grun_fast {grun_fast.__version__}"}
-        rows = [
-            {"op": "module_forward", "provider": "grun_fast", "mode": "eval_cached_R", "unit": "s",
-             "median": f"{med['ours']:.6g}", "p20": f"{quantile(times['ours'], .2):.6g}",
-             "p80": f"{quantile(times['ours'], .8):.6g}", "n": args.runs, **common},
-            {"op": "module_forward", "provider": "torch_orthogonal", "mode": "reorthogonalise_per_call",
-             "unit": "s", "median": f"{med['ref']:.6g}", "p20": f"{quantile(times['ref'], .2):.6g}",
-             "p80": f"{quantile(times['ref'], .8):.6g}", "n": args.runs, **common},
-            {"op": "module_forward_ratio", "provider": "torch_orthogonal/grun_fast", "mode": "inference",
-             "unit": "ratio", "median": f"{ratio:.4g}", "p20": f"{quantile(run_ratios, .2):.4g}",
-             "p80": f"{quantile(run_ratios, .8):.4g}", "n": args.runs, **common},
-        ]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to bench/results/module.csv")
+        print(f"appended {len(rows)} rows to {append_rows(rows)}")
     return 0
 
 

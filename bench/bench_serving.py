@@ -1,7 +1,8 @@
 """Serving overhead: `generate` on an unpatched model vs the same model patched in last_prompt / all mode.
 
 Random weights are enough for timing. Each configuration runs alternately with the unpatched model in one
-process; overhead = median(patched) / median(unpatched) - 1.
+process; overhead = median(patched) / median(unpatched) - 1 (p20/p80 from the back-to-back pairs).
+Rows go to bench/results/results.csv.
 
     python -m bench.bench_serving                 # d=512, 8 layers, adapter at [4, 6, 7], batch 1
     python -m bench.bench_serving --batch 1 8 32 --model 8b   # on a GPU
@@ -14,7 +15,7 @@ import torch
 import transformers
 
 import grun_fast
-from bench.common import append_rows, device_name, quantiles, time_interleaved, today
+from bench.common import append_rows, device_name, now, quantiles, time_interleaved
 
 # Llama shapes (random weights) and the adapter layers used on each: GRUN's 20, 25, 31 of 32 scaled down.
 MODELS = {
@@ -49,26 +50,37 @@ def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, r
         for mode in modes:
             samples = {"unpatched": [], mode: []}
             config = grun_fast.GRUNConfig(layers=layers, positions=mode)
-            generate()  # warm-up
-            for _ in range(repeats):  # alternate unpatched / patched; patching itself is not timed
-                samples["unpatched"] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
-                grun_fast.patch(model, config)
-                samples[mode] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
-                grun_fast.unpatch(model)
+            generate()  # warm-up (unpatched, then patched)
+            grun_fast.patch(model, config)
+            generate()
+            grun_fast.unpatch(model)
+            for i in range(repeats):  # alternate unpatched / patched, the order swapped every repeat;
+                for patched in ((False, True) if i % 2 == 0 else (True, False)):  # patching is not timed
+                    if patched:
+                        grun_fast.patch(model, config)
+                    key = mode if patched else "unpatched"
+                    samples[key] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
+                    if patched:
+                        grun_fast.unpatch(model)
             base_median = quantiles(samples["unpatched"])[0]
+            common = dict(d=model.config.hidden_size, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
+                          date=now(), config=f"llama-{model_name} layers={layers}", batch=batch,
+                          note=f"prompt {prompt_len} + {new_tokens} new tokens; {repeats} alternations")
             for provider, values in samples.items():
                 median, p20, p80 = quantiles(values)
-                rows.append(dict(op="generate", provider=provider, mode=mode if provider != "unpatched" else "-",
-                                 x=f"prompt{prompt_len}+new{new_tokens}", median=median, p20=p20, p80=p80, unit="s",
-                                 device=device_name(device), date=today(),
-                                 config=f"llama-{model_name} layers={layers} {str(dtype).replace('torch.', '')}",
-                                 batch=batch))
+                rows.append(dict(common, op="generate", provider=provider, mode=mode, median=median, p20=p20, p80=p80,
+                                 unit="s"))
+                tokens = batch * new_tokens
+                rows.append(dict(common, op="generate_tokens_per_s", provider=provider, mode=mode,
+                                 median=tokens / median, p20=tokens / p80, p80=tokens / p20, unit="tok/s"))
+            ratios = [p / u for p, u in zip(samples[mode], samples["unpatched"])]  # each pair measured back to back
             overhead = quantiles(samples[mode])[0] / base_median - 1
-            rows.append(dict(op="generate_overhead", provider=mode, mode=mode, x=f"prompt{prompt_len}+new{new_tokens}",
-                             median=overhead, p20="", p80="", unit="fraction", device=device_name(device), date=today(),
-                             config=f"llama-{model_name} layers={layers}", batch=batch))
+            _, r20, r80 = quantiles(ratios)
+            rows.append(dict(common, op="generate_overhead", provider=mode, mode=mode, median=overhead, p20=r20 - 1,
+                             p80=r80 - 1, unit="fraction"))
             print(f"{model_name} batch {batch:>3} {mode:>11}: unpatched {base_median * 1e3:8.1f} ms, "
-                  f"patched {quantiles(samples[mode])[0] * 1e3:8.1f} ms, overhead {overhead * 100:+.2f} %")
+                  f"patched {quantiles(samples[mode])[0] * 1e3:8.1f} ms, overhead {overhead * 100:+.2f} % "
+                  f"(pairwise p20 {100 * (r20 - 1):+.1f} %, p80 {100 * (r80 - 1):+.1f} %)", flush=True)
     return rows
 
 
@@ -82,12 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["last_prompt", "all"], choices=["last_prompt", "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     rows = run(args.model, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.device, dtype, args.modes)
     if not args.no_csv:
-        print("appended to", append_rows("serving.csv", rows))
+        print("appended to", append_rows(rows))
 
 
 if __name__ == "__main__":

@@ -6,23 +6,25 @@ batch 8 forget + 8 retain of 96 tokens). Each variant does one optimiser step on
 - lora: peft LoRA r=8 on q/k/v/o of every layer, GD loss (-NLL_f + 2 NLL_r), base frozen;
 - full: every weight trainable, the same GD loss.
 Times alternate call by call in one process (median of rounds); peak memory is measured per variant in a
-fresh subprocess (CPU: growth of the peak resident set during the steps; CUDA: max allocated).
+fresh subprocess (CPU, Linux: the peak resident set during two steps above the loaded model).
 
-    python -m bench.bench_training_peers [--rounds 5] [--threads 1]
+    python -m bench.bench_training_peers [--rounds 5] [--threads 1] [--batch 2 --seq-len 48]
+Rows go to bench/results/results.csv.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from bench.bench_training_vs_reference import Ours, _llama, _timed, load_config, make_batches
-from bench.common import append_rows, device_name, quantiles, today
+from bench.common import append_rows, device_name, now, quantiles
 
+REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("grun", "lora", "full")
 
 
@@ -65,22 +67,91 @@ def trainable(variant) -> int:
     return sum(p.numel() for p in variant.params)
 
 
-def peak_memory(kind: str, steps: int = 2) -> float:
-    """MiB of memory the steps add on top of the loaded model (run in a fresh process)."""
+def workload(batch: int | None = None, seq_len: int | None = None) -> dict:
+    """The training benchmark's config, optionally with fewer/shorter rows (the suite's --quick)."""
     cfg = load_config()
+    if batch:
+        cfg["batch"] = batch
+    if seq_len:
+        cfg["seq_len"] = seq_len
+        lo, hi = cfg["prompt_len_range"]
+        cfg["prompt_len_range"] = [min(lo, seq_len // 2), min(hi, seq_len - 8)]
+    return cfg
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(kind: str, cfg: dict, steps: int = 2) -> float:
+    """MiB of memory the steps add on top of the loaded model (run in a fresh process): the peak resident
+    set during the steps (VmHWM, reset through /proc/self/clear_refs after loading) minus the resident set
+    before them; gradients and optimiser state count, as they do in training."""
     variant = build(kind, cfg)
     if torch.cuda.is_available():
         raise SystemExit("peak memory on CUDA is measured by gpu_check.sh")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (Linux >= 4.0)
+    before = _status_kib("VmRSS")
     for _ in range(steps):
         variant.step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def measure(rounds: int = 5, memory: bool = True, threads: int = 0, batch: int | None = None,
+            seq_len: int | None = None) -> list[dict]:
+    """Rows (results CSV): step time per variant, interleaved; peak memory per variant in a subprocess."""
+    cfg = workload(batch, seq_len)
+    variants = {kind: build(kind, cfg) for kind in VARIANTS}
+    for variant in variants.values():
+        variant.step()  # warm-up
+    times = {kind: [] for kind in VARIANTS}
+    for round_ in range(rounds):
+        order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
+        for kind in order:
+            times[kind].append(_timed(variants[kind].step)[0])
+    mem = {}
+    if memory:
+        for kind in VARIANTS:
+            cmd = [sys.executable, "-m", "bench.bench_training_peers", "--memory-of", kind, "--threads", str(threads)]
+            cmd += ["--batch", str(cfg["batch"]), "--seq-len", str(cfg["seq_len"])]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+            mem[kind] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
+    grun_median = quantiles(times["grun"])[0]
+    rows = []
+    print(f"training step, Llama d={cfg['model']['hidden_size']} x {cfg['model']['num_hidden_layers']} layers, "
+          f"batch {cfg['batch']}+{cfg['batch']} x {cfg['seq_len']}, {rounds} rounds, {device_name()}")
+    print(f"{'variant':<6} {'trainable':>12} {'median ms':>10} {'grun / it':>10} {'peak MiB':>9}")
+    for kind in VARIANTS:
+        median, p20, p80 = quantiles(times[kind])
+        mib = mem.get(kind)
+        print(f"{kind:<6} {trainable(variants[kind]):>12,} {median * 1e3:>10.0f} {grun_median / median:>10.2f} "
+              f"{'-' if mib is None else f'{mib:.0f}':>9}")
+        common = dict(op="train_step", provider=kind, mode="gd", d=cfg["model"]["hidden_size"], r=cfg["rank"],
+                      dtype="fp32", device=device_name(), date=now(),
+                      config=f"llama-d{cfg['model']['hidden_size']} L{cfg['model']['num_hidden_layers']} "
+                             f"layers={cfg['layers']}",
+                      batch=f"{cfg['batch']}+{cfg['batch']}x{cfg['seq_len']}", trainable=trainable(variants[kind]),
+                      rounds=rounds)
+        rows.append(dict(common, median=median, p20=p20, p80=p80, unit="s"))
+        if mib is not None:
+            rows.append(dict(common, op="train_step_peak_memory", median=mib, unit="MiB"))
+        if kind != "grun":  # per-round ratios: each round times all three back to back
+            ratios = [g / o for g, o in zip(times["grun"], times[kind])]
+            _, r20, r80 = quantiles(ratios)
+            rows.append(dict(common, op="train_step_ratio", provider=f"grun/{kind}", median=grun_median / median,
+                             p20=r20, p80=r80, unit="ratio"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--batch", type=int, help="rows per side (default: the config's 8)")
+    parser.add_argument("--seq-len", type=int, help="tokens per row (default: the config's 96)")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one subprocess
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--no-csv", action="store_true")
@@ -88,40 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
-        print(json.dumps({"mib": peak_memory(args.memory_of)}))
+        print(json.dumps({"mib": peak_memory(args.memory_of, workload(args.batch, args.seq_len))}))
         return 0
-    cfg = load_config()
-    variants = {kind: build(kind, cfg) for kind in VARIANTS}
-    for variant in variants.values():
-        variant.step()  # warm-up
-    times = {kind: [] for kind in VARIANTS}
-    for round_ in range(args.rounds):
-        order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
-        for kind in order:
-            times[kind].append(_timed(variants[kind].step)[0])
-    memory = {}
-    if not args.no_memory:
-        for kind in VARIANTS:
-            cmd = [sys.executable, "-m", "bench.bench_training_peers", "--memory-of", kind, "--threads", str(args.threads)]
-            memory[kind] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)["mib"]
-    grun_median = quantiles(times["grun"])[0]
-    rows = []
-    print(f"training step, Llama d={cfg['model']['hidden_size']} x {cfg['model']['num_hidden_layers']} layers, "
-          f"batch {cfg['batch']}+{cfg['batch']} x {cfg['seq_len']}, {device_name()}")
-    print(f"{'variant':<6} {'trainable':>12} {'median ms':>10} {'grun / it':>10} {'peak MiB':>9}")
-    for kind in VARIANTS:
-        median, p20, p80 = quantiles(times[kind])
-        mib = memory.get(kind)
-        print(f"{kind:<6} {trainable(variants[kind]):>12,} {median * 1e3:>10.0f} {grun_median / median:>10.2f} "
-              f"{'-' if mib is None else f'{mib:.0f}':>9}")
-        common = dict(op="train_step", provider=kind, mode="gd", x=f"trainable={trainable(variants[kind])}",
-                      device=device_name(), date=today(), config="llama-d512 layers=[4, 6, 7] fp32",
-                      batch=f"{cfg['batch']}+{cfg['batch']}x{cfg['seq_len']}")
-        rows.append(dict(common, median=median, p20=p20, p80=p80, unit="s"))
-        if mib is not None:
-            rows.append(dict(common, op="train_step_peak_memory", median=mib, p20="", p80="", unit="MiB"))
+    rows = measure(args.rounds, not args.no_memory, args.threads, args.batch, args.seq_len)
     if not args.no_csv:
-        print("appended to", append_rows("training_peers.csv", rows))
+        print("appended to", append_rows(rows))
     return 0
 
 
