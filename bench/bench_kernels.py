@@ -67,6 +67,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("triton", "torch", "reference", "compile")
 EXTRA_PROVIDERS = ("triton-det",)  # the kernels with deterministic=True (on request: --providers)
 MODES = ("fwd", "fwd+bwd")
+_FNS: dict[str, Callable] = {}  # provider functions shared by every size (compile once, dynamic shapes)
 
 
 # ---- inputs and steps ----------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
     bandwidth = copy_bandwidth(device) if args.bandwidth and device == "cuda" else None
     if bandwidth:
         print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
-    fns = {p: provider_fn(p) for p in providers}
+    fns = {p: _FNS.setdefault(p, provider_fn(p)) for p in providers}  # one torch.compile object per run
     timer = Timer(device)
     results = []
     for mode in args.modes:

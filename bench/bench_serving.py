@@ -30,7 +30,8 @@ ADAPTER_LAYERS = {"tiny": [2, 3], "d512": [4, 6, 7], "1b": [10, 12, 15], "8b": [
 def build(model: str, device: str, dtype: torch.dtype, vocab: int = 32000) -> torch.nn.Module:
     config = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **MODELS[model])
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # initialise on the device: an 8B-shaped model on CPU first takes minutes
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, device: str,

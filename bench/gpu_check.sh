@@ -4,9 +4,13 @@
 #      the MLP-gate variant, deterministic mode bitwise, torch.compile fullgraph);
 #   2. copy bandwidth, then the kernel benchmark (triton / torch / reference / compile; fwd and fwd+bwd;
 #      rows 1..16384, d 4096, r 4, bf16) with the fraction of the bandwidth roofline reached and peak memory;
-#   3. a short sweep of Triton block sizes at 16384 rows (to tune kernels/gated_loreft.py defaults).
+#   3. a short sweep of Triton block sizes at 16384 rows (to tune kernels/gated_loreft.py defaults);
+#   4. the benchmark suite's op and serving groups (python -m bench: d 4096/3584/2048, generate on Llama shapes
+#      up to 8B with random weights, batch 1/8/32) and its report, so RESULTS.md gets the GPU's table
+#      (skip with GRUN_GPU_SUITE=0; the GPU machine may lack transformers: the suite then skips serving).
 # Installs nothing: the package is imported from the checkout (bench/bench_kernels.py falls back to a sys.path
-# shim when grun_fast is not installed). Writes the log and CSV under $OUT when set, and bench/results/.
+# shim when grun_fast is not installed). Rows go to bench/results/results.csv; the log, results.csv, RESULTS.md
+# and the plots are copied under $OUT when set.
 #
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with a CUDA GPU
 set -uo pipefail
@@ -17,7 +21,7 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 DEST=${OUT:-bench/results}
 mkdir -p "$DEST" bench/results
 LOG="$DEST/gpu_check_${STAMP}.log"
-CSV="bench/results/kernels.csv"
+CSV="bench/results/results.csv"
 export PYTHONUNBUFFERED=1  # a step cut by its timeout still leaves its lines in the log
 
 main() {
@@ -45,8 +49,16 @@ echo; echo "== 3. block-size sweep (rows=16384)"
 timeout 35 $PY bench/bench_kernels.py --sweep --rows 16384 --repeats 15 --providers triton \
     || echo "sweep incomplete (rc=$?)"
 
-if [ "$DEST" != "bench/results" ] && [ -f "$CSV" ]; then
-    cp "$CSV" "$DEST/kernels.csv"
+if [ "${GRUN_GPU_SUITE:-1}" != "0" ]; then
+    echo; echo "== 4. benchmark suite: op and serving groups, then the report"
+    timeout 240 $PY -m bench --groups op serving || echo "suite incomplete (rc=$?)"
+    timeout 60 $PY -m bench.report > /dev/null || echo "report failed (rc=$?)"
+fi
+
+if [ "$DEST" != "bench/results" ]; then
+    for f in "$CSV" bench/results/RESULTS.md bench/results/op.png bench/results/serving.png; do
+        [ -f "$f" ] && cp "$f" "$DEST/"
+    done
 fi
 echo; echo "== done: status $status; log $LOG"
 return $status

@@ -288,7 +288,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=provider)
             ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="ms (median)", title=f"{mode}, d={d}, r=4")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.suptitle(f"gated LoReFT op on {device}", fontsize=9)
     save(fig, "op.png")
 
@@ -342,12 +343,16 @@ def build(out: str | Path | None = None) -> str:
     if not rows:
         raise SystemExit(f"no results in {path}: run `grun-fast bench` first")
     text = markdown(rows, path.name)
-    written = plots(rows, out)
+    try:
+        written = plots(rows, out)
+    except ImportError as err:  # a bare GPU machine may lack matplotlib: the table still gets written
+        print(f"plots skipped: {err}")
+        written = []
     target = out / "RESULTS.md"
     tmp = out / ".RESULTS.md.tmp"
     tmp.write_text(text)
     tmp.replace(target)
-    print(f"wrote {target} and {', '.join(p.name for p in written)}")
+    print(f"wrote {target}" + (f" and {', '.join(p.name for p in written)}" if written else ""))
     return text
 
 
