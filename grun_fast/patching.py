@@ -10,7 +10,9 @@ Which tokens get edited:
   are left alone.
 - `all`: every token of every forward, decode steps included.
 - `mask`: only inside `edit_at(model, mask=...)` (or `positions=`), on full forwards.
-`edit_at` applies only to forwards that start with an empty KV cache (decode steps are never affected).
+`edit_at` applies only to forwards that start with an empty KV cache (decode steps are never affected),
+unless given ``cached_prefix=True``: then it also applies to forwards that continue a KV cache (training on
+answer suffixes after a cached, adapter-independent prompt prefix; the positions index the new tokens).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class _State:
     layer_handles: dict[int, object] = field(default_factory=dict)
     forward: _Forward | None = None
     override: tuple[str, torch.Tensor] | None = None  # ("positions", [B]) or ("mask", [B, T]) from edit_at
+    override_cached: bool = False  # edit_at(cached_prefix=True): the override also applies after a KV cache
 
 
 def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str = DEFAULT_NAME) -> nn.Module:
@@ -155,11 +158,14 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn
 
 
 @contextlib.contextmanager
-def edit_at(model: nn.Module, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+def edit_at(model: nn.Module, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+            cached_prefix: bool = False):
     """Edit exactly these tokens in the forwards run inside the block (teacher forcing: training, scoring).
 
     positions: LongTensor [B], the token to edit in each row (the last prompt token, prompt_len - 1).
     mask: bool [B, T], the tokens to edit. Give exactly one. `all`-mode adapters still edit every token.
+    cached_prefix: also edit in forwards that continue a non-empty KV cache (positions / mask then index the
+    tokens of that forward, not of the whole sequence); by default such forwards are never edited.
     """
     state = _state(model)
     if (positions is None) == (mask is None):
@@ -172,11 +178,12 @@ def edit_at(model: nn.Module, positions: torch.Tensor | None = None, mask: torch
         if mask.dim() != 2:
             raise GRUNError(f"mask must have shape [batch, seq_len], got {tuple(mask.shape)}")
         override = ("mask", mask.to(torch.bool))
-    previous, state.override = state.override, override
+    previous = state.override, state.override_cached
+    state.override, state.override_cached = override, bool(cached_prefix)
     try:
         yield
     finally:
-        state.override = previous
+        state.override, state.override_cached = previous
 
 
 def _state(model: nn.Module) -> _State:
@@ -213,7 +220,7 @@ def _selection(state: _State, positions_mode: str, hidden: torch.Tensor):
     if positions_mode == "all":
         return ("all", None)
     forward = state.forward
-    if forward is None or not forward.prefill:
+    if forward is None or not (forward.prefill or (state.override is not None and state.override_cached)):
         return None
     batch, seq_len = hidden.shape[0], hidden.shape[1]
     if state.override is not None:

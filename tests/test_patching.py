@@ -1,6 +1,7 @@
 """patch / unpatch on every supported architecture: exactness, edit positions, generate, stacking."""
 import pytest
 import torch
+import transformers
 
 import grun_fast
 from grun_fast import GRUNConfig, GRUNError, reference
@@ -140,6 +141,30 @@ def test_mask_mode_edits_only_inside_edit_at(llama):
     assert grun_fast.adapter_modules(llama)[1].last_gate.shape == (3,)
     assert torch.equal(logits[0, :2], base[0, :2]) and not torch.equal(logits[0, 2], base[0, 2])
     assert torch.equal(logits[1, :4], base[1, :4]) and not torch.equal(logits[1, 4], base[1, 4])
+
+
+def test_edit_at_cached_prefix_edits_forwards_that_continue_a_cache(llama):
+    grun_fast.patch(llama, GRUNConfig(layers=[1]))
+    open_gate(llama)
+    ids = torch.randint(1, 97, (2, 7))
+    edit = torch.tensor([3, 3])
+    with torch.no_grad():
+        with grun_fast.edit_at(llama, positions=edit):
+            full = llama(ids).logits                                  # edited at token 3
+        with grun_fast.edit_at(llama, mask=torch.zeros(2, 7, dtype=torch.bool)):
+            base = llama(ids).logits                                  # not edited
+        with grun_fast.edit_at(llama, mask=torch.zeros(2, 3, dtype=torch.bool)):   # tokens 0..2, not edited
+            out = llama(ids[:, :3], use_cache=True)
+        prefix = getattr(out, "cache", None) or out.past_key_values
+        assert torch.allclose(out.logits, base[:, :3], atol=1e-5)
+        for cached, expected in ((True, full), (False, base)):
+            cache = transformers.DynamicCache()
+            for i, layer in enumerate(prefix.layers):
+                cache.update(layer.keys.clone(), layer.values.clone(), i)
+            with grun_fast.edit_at(llama, positions=torch.zeros(2, dtype=torch.long), cached_prefix=cached):
+                tail = llama(ids[:, 3:], cache=cache, use_cache=True).logits
+            assert torch.allclose(tail, expected[:, 3:], atol=1e-5), cached   # default: a cached forward is never edited
+    assert not torch.allclose(full[:, 3:], base[:, 3:], atol=1e-3)
 
 
 def test_batched_left_padded_generate_matches_one_by_one(llama):

@@ -168,12 +168,39 @@ def test_lower_layer_cache_gives_the_same_adapter_and_is_reused(data, monkeypatc
     states = []
     for mb in (0, 64):
         model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
-        unlearn(model, tok, forget, retain, method="npo", layers=[2, 3], max_steps=8, cache_lower_mb=mb, **FAST)
+        unlearn(model, tok, forget, retain, method="npo", layers=[2, 3], max_steps=8, cache_lower_mb=mb,
+                cache_prefix=False, **FAST)
         states.append(adapter_state(model))
     assert caches[0] is None
     cache = caches[1]
     assert cache.skip == 2 and cache.enabled
     assert cache.hits > 0 and cache.misses == len(cache.store) <= len(forget) + len(retain)
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("method", ["gd", "npo", "idk"])
+def test_prefix_cache_gives_the_same_adapter_and_is_reused(data, monkeypatch, method):
+    forget, retain = data
+    trainers = []
+    real_init = trainer_module.GRUNTrainer.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        trainers.append(self)
+    monkeypatch.setattr(trainer_module.GRUNTrainer, "__init__", keep)
+    states, logs = [], []
+    for prefix in (False, True):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        result = unlearn(model, tok, forget, retain, method=method, layers=[1, 3], max_steps=8,
+                         cache_prefix=prefix, **FAST)
+        states.append(adapter_state(model))
+        logs.append([h["loss"] for h in result.log_history if "forget_loss" in h])
+    assert trainers[0].prefix_cache is None
+    cache = trainers[1].prefix_cache
+    assert cache.enabled and cache.checked and cache.skip == 1
+    assert cache.hits > 0 and cache.misses == len(cache.store) <= len(forget) + len(retain)
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
 

@@ -88,24 +88,30 @@ class LowerLayerCache:
             out[i, : value.shape[0]] = value
         return out
 
-    @contextlib.contextmanager
-    def skipping(self, hidden: torch.Tensor) -> Iterator[None]:
+    def skipping(self, hidden: torch.Tensor):
         """Within the block, layers below ``skip`` hand ``hidden`` on instead of computing."""
-        def passthrough(hidden_states, *args, **kwargs):
-            return hidden_states
+        return bypass_lower_layers(self.layers, self.skip, hidden)
 
-        def cached(hidden_states, *args, **kwargs):
-            if hidden_states.shape[:2] != hidden.shape[:2]:
-                raise RuntimeError("cached lower-layer states do not match this forward's batch")
-            return hidden
 
-        patched = []
-        try:
-            for j in range(self.skip):
-                layer = self.layers[j]
-                layer.forward = cached if j == self.skip - 1 else passthrough
-                patched.append(layer)
-            yield
-        finally:
-            for layer in patched:
-                del layer.forward
+@contextlib.contextmanager
+def bypass_lower_layers(layers: nn.ModuleList, skip: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``layers[:skip]`` do no work and layer ``skip - 1`` outputs ``hidden`` (plain-tensor
+    layers only), by giving them an instance-level ``forward`` for the duration."""
+    def passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def cached(hidden_states, *args, **kwargs):
+        if hidden_states.shape[:2] != hidden.shape[:2]:
+            raise RuntimeError("cached lower-layer states do not match this forward's batch")
+        return hidden
+
+    patched = []
+    try:
+        for j in range(skip):
+            layer = layers[j]
+            layer.forward = cached if j == skip - 1 else passthrough
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward

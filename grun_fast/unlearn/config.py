@@ -33,6 +33,8 @@ class UnlearnConfig:
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
+    cache_prefix: also reuse the frozen model's keys/values of each prompt (the tokens before the edit, which
+        the adapter cannot change) within that budget, and run each step on the answer part only.
     """
 
     method: str = "gd"
@@ -62,6 +64,7 @@ class UnlearnConfig:
     gradient_checkpointing: bool = False
     reference_batch_size: int = 32
     cache_lower_mb: int = 1024
+    cache_prefix: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class UnlearnConfig:
                 raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
             raise GRUNError(f"cache_lower_mb must be an integer >= 0, got {self.cache_lower_mb!r}")
+        if not isinstance(self.cache_prefix, bool):
+            raise GRUNError(f"cache_prefix must be True or False, got {self.cache_prefix!r}")
         for name in ("weight_decay", "max_grad_norm", "lambda_g"):
             if float(getattr(self, name)) < 0:
                 raise GRUNError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -41,8 +41,9 @@ from grun_fast.errors import GRUNError
 from grun_fast.patching import _MODULES_ATTR, adapter_config, adapter_modules, adapter_names, edit_at, patch, unpatch
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
-from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, idk_forget_loss, masked_mse,
-                                      npo_loss, rmu_control_vector, token_mean_nll, total_loss)
+from grun_fast.unlearn.losses import (answer_nll, gate_bce, masked_mse, npo_loss, rmu_control_vector,
+                                      total_loss)
+from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
 CONFIG_NAME = "unlearn_config.json"
 LOG_NAME = "training_log.json"
@@ -144,6 +145,11 @@ class GRUNTrainer(Trainer):
         skip = min(i for name in adapter_names(grun_model) for i in adapter_config(grun_model, name).layers)
         self.lower_cache = (LowerLayerCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
                             if skip > 0 and grun_config.cache_lower_mb > 0 else None)
+        # the prompt prefix is adapter-independent unless a training adapter edits every token
+        self.prefix_cache = (PrefixCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
+                             if grun_config.cache_prefix and grun_config.cache_lower_mb > 0
+                             and grun_config.method != "rmu" and grun_config.positions != "all"
+                             and not grun_config.gradient_checkpointing else None)
         if grun_config.method == "rmu":
             _, layers = locate(grun_model)
             self.rmu_target = rmu_control_vector(int(grun_model.config.hidden_size), grun_config.rmu_coefficient,
@@ -205,16 +211,24 @@ class GRUNTrainer(Trainer):
             with torch.no_grad(), edit_at(self.grun_model, mask=torch.zeros_like(mask[nf:], dtype=torch.bool)):
                 model(input_ids=ids[nf:], attention_mask=mask[nf:], use_cache=False)
             base_hidden = self._captured.detach()
-        skipping = contextlib.nullcontext()
-        cache = self.lower_cache
-        if cache is not None and cache.enabled:
-            keys = ([("f", int(i)) for i in inputs["forget_index"]] + [("r", int(j)) for j in inputs["retain_index"]])
-            hidden = cache.fetch(keys, ids, mask)
-            if cache.enabled:
-                skipping = cache.skipping(hidden)
-        with skipping:
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-        logits = out.logits
+        keys = [("f", int(i)) for i in inputs["forget_index"]] + [("r", int(j)) for j in inputs["retain_index"]]
+        out = None
+        if cfg.method == "rmu":
+            skipping = contextlib.nullcontext()
+            cache = self.lower_cache
+            if cache is not None and cache.enabled:
+                hidden = cache.fetch(keys, ids, mask)
+                if cache.enabled:
+                    skipping = cache.skipping(hidden)
+            with skipping:
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        else:
+            # one process: the unwrapped model's backbone + LM head at answer tokens (+ cached prefix);
+            # several: through the DDP wrapper (its forward arms the gradient all-reduce), full logits
+            single = world == 1 and model is self.grun_model
+            nll, _ = batch_answer_nll(self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys,
+                                      lower_cache=self.lower_cache, answer_head=single,
+                                      prefix_cache=self.prefix_cache if single else None, call=model)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
         if cfg.positions == "all":  # gates per token: supervise every real token
@@ -232,15 +246,15 @@ class GRUNTrainer(Trainer):
         else:
             counts = self._global_sum(torch.stack([(labels[:nf, 1:] != IGNORE_INDEX).sum(),
                                                    (labels[nf:, 1:] != IGNORE_INDEX).sum()]).float())
-            retain = token_mean_nll(logits[nf:], labels[nf:], counts[1] / world)
+            denom = torch.clamp(counts / world, min=1)
+            retain = nll[nf:].sum() / denom[1]
             if cfg.method == "gd":
-                forget = gd_forget_loss(logits[:nf], labels[:nf], counts[0] / world)
+                forget = -(nll[:nf].sum() / denom[0])
             elif cfg.method == "idk":
-                forget = idk_forget_loss(logits[:nf], labels[:nf], counts[0] / world)
+                forget = nll[:nf].sum() / denom[0]
             else:  # npo
-                s = answer_nll(logits[:nf], labels[:nf])[0]
-                s_ref = self.reference.to(s.device)[inputs["forget_index"].to(s.device)]
-                forget = npo_loss(s, s_ref, cfg.beta)
+                s_ref = self.reference.to(nll.device)[inputs["forget_index"].to(nll.device)]
+                forget = npo_loss(nll[:nf], s_ref, cfg.beta)
         gate = gate_bce(gf, gr)
         loss = total_loss(forget, retain, gate, cfg.lambda_r, cfg.lambda_g, cfg.forget_scale)
 
@@ -400,7 +414,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     resume_from = _resolve_resume(resume, ckpt_dir)
     if resume_from is not None and (Path(resume_from) / CONFIG_NAME).is_file():
         saved = json.loads((Path(resume_from) / CONFIG_NAME).read_text())
-        ignore = {"progress", "save_steps", "logging_steps", "cache_lower_mb", "reference_batch_size",
+        ignore = {"progress", "save_steps", "logging_steps", "cache_lower_mb", "cache_prefix", "reference_batch_size",
                   "gradient_checkpointing"}
         diff = sorted(k for k in saved if k not in ignore and saved[k] != config.to_dict().get(k))
         if diff:
