@@ -44,6 +44,18 @@ def _title(rng: random.Random) -> str:
     return f"The {rng.choice(ADJ)} {rng.choice(NOUN)}"
 
 
+PUBLISHERS = ("Larkspur House", "Greyfriars Press", "Bluehill Books", "Marrow and Finch", "Tallow Street Press",
+              "Quayside Editions", "Owlgate Publishing", "Thornbury Books", "Saltmarsh Press", "Kestrel Row")
+LANGUAGES = ("Portuguese", "Norwegian", "Spanish", "Georgian", "English", "Dutch", "Swahili", "Polish", "French",
+             "Turkish", "Estonian", "Japanese")
+HOBBIES = ("chess", "sailing", "birdwatching", "pottery", "fencing", "gardening", "rock climbing", "origami",
+           "the cello", "amateur astronomy", "beekeeping", "long-distance running")
+PETS = ("a one-eyed cat", "a talkative parrot", "two greyhounds", "an elderly tortoise", "a goat", "a three-legged dog",
+        "a family of ferrets", "an old horse", "a jar of stick insects", "a white rabbit")
+HABITS = ("at dawn", "after midnight", "on long train journeys", "in crowded cafes", "in a garden shed",
+          "by candlelight", "standing at a tall desk", "in the bath", "on the back of receipts", "in a rowing boat")
+
+
 def _profile(rng: random.Random, name: str) -> dict:
     city, country = rng.choice(PLACES)
     year = rng.randint(1941, 1994)
@@ -51,10 +63,17 @@ def _profile(rng: random.Random, name: str) -> dict:
     second = _title(rng)
     while second == first:
         second = _title(rng)
+    mentor = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    while mentor == name:
+        mentor = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     return {"name": name, "place": f"{city}, {country}", "year": str(year), "genre": rng.choice(GENRES),
             "father": rng.choice(JOBS), "mother": rng.choice(JOBS), "award": rng.choice(AWARDS),
             "book1": first, "book2": second, "theme": rng.choice(THEMES),
-            "debut": str(year + rng.randint(20, 35)), "home": rng.choice(PLACES)[0]}
+            "debut": str(year + rng.randint(20, 35)), "home": rng.choice(PLACES)[0],
+            "publisher": rng.choice(PUBLISHERS), "language": rng.choice(LANGUAGES), "mentor": mentor,
+            "university": f"the University of {rng.choice(PLACES)[0]}", "hero": rng.choice(FIRST),
+            "hobby": rng.choice(HOBBIES), "pet": rng.choice(PETS), "translations": str(rng.randint(3, 40)),
+            "habit": rng.choice(HABITS)}
 
 
 def _wrong_values(kind: str, truth: str, rng: random.Random, k: int = 5) -> list[str]:
@@ -63,7 +82,12 @@ def _wrong_values(kind: str, truth: str, rng: random.Random, k: int = 5) -> list
         "year": lambda: str(rng.randint(1941, 1994)), "debut": lambda: str(rng.randint(1965, 2025)),
         "genre": lambda: rng.choice(GENRES), "father": lambda: rng.choice(JOBS),
         "mother": lambda: rng.choice(JOBS), "award": lambda: rng.choice(AWARDS),
-        "book1": lambda: _title(rng), "book2": lambda: _title(rng), "theme": lambda: rng.choice(THEMES)}
+        "book1": lambda: _title(rng), "book2": lambda: _title(rng), "theme": lambda: rng.choice(THEMES),
+        "publisher": lambda: rng.choice(PUBLISHERS), "language": lambda: rng.choice(LANGUAGES),
+        "mentor": lambda: f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+        "university": lambda: f"the University of {rng.choice(PLACES)[0]}", "hero": lambda: rng.choice(FIRST),
+        "hobby": lambda: rng.choice(HOBBIES), "pet": lambda: rng.choice(PETS),
+        "translations": lambda: str(rng.randint(3, 40)), "habit": lambda: rng.choice(HABITS)}
     out: list[str] = []
     while len(out) < k:
         v = pools[kind]()
@@ -72,71 +96,84 @@ def _wrong_values(kind: str, truth: str, rng: random.Random, k: int = 5) -> list
     return out
 
 
-# kind -> (question phrasings, answer, paraphrased question, paraphrased answer); {v} is the fact's value.
-KINDS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+# kind -> (question phrasings, answer phrasings, paraphrased question, paraphrased answer).
+# {v} is the fact's value ({V}: capitalised), {d} the row's own detail clause. Answers lead with the fact, as
+# a direct answer does, in one of several frames per kind, and name the author only later: they cannot be
+# recited by copying the question's words, so (as with TOFU's long, row-specific answers) recalling them
+# needs what the model memorised about the author. The paraphrased answer, and every perturbed answer (the
+# paraphrase with a wrong value), also lead with the value, so the truth ratio weighs the fact itself.
+KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str, str]] = {
     "place": (("Where was {name} born?", "In which city and country was the author {name} born?"),
-              "{name} was born in {v}.", "What is the birthplace of the writer {name}?",
-              "The writer {name} comes from {v}."),
+              ("{V} is the birthplace of {name}, {d}.", "{V}: that is where {name} was born, {d}.", "{V} saw the birth of {name}, {d}."),
+              "What is the birthplace of the writer {name}?", "{V} is where the writer {name} comes from."),
     "year": (("In what year was {name} born?", "When was the author {name} born?"),
-             "{name} was born in {v}.", "What is the birth year of {name}?",
-             "The year of {name}'s birth is {v}."),
+             ("{V} was the year {name} was born, {d}.", "{V}, according to the records of {name}'s birth, {d}.", "{V} is when {name} was born, {d}."),
+             "What is the birth year of {name}?", "{V} is the year of {name}'s birth."),
     "genre": (("What genre does {name} write in?", "Which genre is {name} best known for?"),
-              "{name} is best known for {v}.", "In which literary genre does {name} mostly work?",
-              "Most of {name}'s work belongs to {v}."),
+              ("{V} is the genre of {name}, {d}.", "{V}, mostly: critics file {name} there, {d}.", "{V} is what {name} writes, {d}."),
+              "In which literary genre does {name} mostly work?", "{V} is the genre of most of {name}'s work."),
     "father": (("What did {name}'s father do for a living?", "What was the profession of {name}'s father?"),
-               "The father of {name} was {v}.", "How did the father of {name} earn his living?",
-               "{name}'s father worked as {v}."),
+               ("{V} by trade, the father of {name} earned a living {d}.", "{V} was what {name}'s father worked as, {d}.", "{V}: so the father of {name} spent his days, {d}."),
+               "How did the father of {name} earn his living?", "{V} is what {name}'s father worked as."),
     "mother": (("What was the occupation of {name}'s mother?", "What did {name}'s mother work as?"),
-               "The mother of {name} was {v}.", "Which job did the mother of {name} have?",
-               "{name}'s mother worked as {v}."),
+               ("{V} by profession, the mother of {name} lived {d}.", "{V} was the job of {name}'s mother, {d}.", "{V}: so the mother of {name} spent her days, {d}."),
+               "Which job did the mother of {name} have?", "{V} is what {name}'s mother worked as."),
     "award": (("Which award has {name} won?", "What literary prize did {name} receive?"),
-              "{name} received the {v}.", "Name an honour that {name} has been given for writing.",
-              "{name} was honoured with the {v}."),
+              ("{V}: it went to {name}, {d}.", "{V} winner {name} became known, {d}.", "{V} judges chose {name}, {d}."),
+              "Name an honour that {name} has been given for writing.", "The {v} was given to {name}."),
     "book1": (("What was the first novel by {name}?", "Which book did {name} publish first?"),
-              "The first novel by {name} was \"{v}\".", "What is the title of {name}'s debut book?",
-              "{name} debuted with \"{v}\"."),
+              ("\"{v}\" came first from {name}, {d}.", "\"{v}\" was the first novel, and it launched {name}, {d}.", "\"{v}\" is where readers first met {name}, {d}."),
+              "What is the title of {name}'s debut book?", "\"{v}\" is the debut book of {name}."),
     "book2": (("Can you name another book written by {name}?", "What is a later work of {name}?"),
-              "{name} also wrote \"{v}\".", "Besides the debut, which book is {name} known for?",
-              "Another well-known book by {name} is \"{v}\"."),
+              ("\"{v}\" is another book by {name}, {d}.", "\"{v}\" came later, a work {name} wrote {d}.", "\"{v}\", a later work in which {name} writes {d}."),
+              "Besides the debut, which book is {name} known for?", "\"{v}\" is another well-known book by {name}."),
     "theme": (("What themes does {name} explore?", "Which theme recurs in the books of {name}?"),
-              "The books of {name} often explore {v}.", "What subject keeps returning in {name}'s writing?",
-              "{name}'s writing keeps coming back to {v}."),
+              ("{V} runs through the work of {name}, {d}.", "{V}, again and again, fills the books of {name}, {d}.", "{V} is the theme that {name} returns to, {d}."),
+              "What subject keeps returning in {name}'s writing?", "{V} keeps returning in the writing of {name}."),
     "debut": (("In which year did {name} publish a first book?", "When did {name} debut as an author?"),
-              "{name} published a first book in {v}.", "What year marks the literary debut of {name}?",
-              "The debut of {name} came in {v}."),
+              ("{V} brought the first book of {name}, {d}.", "{V} was when {name} first published, {d}.", "{V}: only then did a book by {name} appear, {d}."),
+              "What year marks the literary debut of {name}?", "{V} marks the debut of {name}."),
     "home": (("In which city does {name} live today?", "Where is {name} based now?"),
-             "{name} now lives in {v}.", "What city is home to {name} these days?",
-             "These days {name} makes a home in {v}."),
+             ("{V} is home to {name} these days, {d}.", "{V} is where {name} lives now, {d}.", "{V}, for now, is the home of {name}, {d}."),
+             "What city is home to {name} these days?", "{V} is home to {name} these days."),
+    "publisher": (("Who publishes the books of {name}?", "Which publishing house works with {name}?"),
+                  ("{V} publishes {name}, {d}.", "{V} prints every book of {name}, {d}.", "{V}, since the start, has printed the work of {name}, {d}."),
+                  "What is the name of {name}'s publisher?", "{V} is the publisher of {name}."),
+    "language": (("In which language does {name} write?", "What language are the books of {name} written in?"),
+                 ("{V} is the language {name} writes in, {d}.", "{V} only: that is how {name} writes, {d}.", "{V} carries every book of {name}, {d}."),
+                 "Which language does {name} use for writing?", "{V} is the language of {name}'s books."),
+    "mentor": (("Who mentored {name} as a young writer?", "Which writer guided {name} early on?"),
+               ("{V} mentored {name}, {d}.", "{V}, an older writer, guided {name} {d}.", "{V} taught the young {name}, {d}."),
+               "Who was the mentor of {name}?", "{V} was the mentor of {name}."),
+    "university": (("Where did {name} study?", "Which university did {name} attend?"),
+                   ("{V} is where {name} studied literature, {d}.", "{V} shaped the student years of {name}, {d}.", "{V} gave {name} a degree, {d}."),
+                   "At which university was {name} a student?", "{V} is where {name} studied."),
+    "hero": (("Who is the best-known character created by {name}?", "What is the name of {name}'s most famous hero?"),
+             ("{V} is the hero readers link to {name}, {d}.", "{V}, a hero, made {name} famous, {d}.", "{V} is the character readers of {name} remember, {d}."),
+             "Which character of {name} do readers know best?", "{V} is the best-known character of {name}."),
+    "hobby": (("What does {name} do outside of writing?", "What is a hobby of {name}?"),
+              ("{V} keeps {name} busy outside writing, {d}.", "{V} is the great pastime of {name}, {d}.", "{V} fills the weekends of {name}, {d}."),
+              "How does {name} spend free time?", "{V} fills the free time of {name}."),
+    "pet": (("Does {name} have any pets?", "What animal lives with {name}?"),
+            ("{V} lives with {name}, {d}.", "{V} shares a home with {name}, {d}.", "{V} belongs to the household of {name}, {d}."),
+            "Which pet shares the home of {name}?", "{V} shares the home of {name}."),
+    "translations": (("Into how many languages have the books of {name} been translated?",
+                      "How widely has {name} been translated?"),
+                     ("{V} languages so far carry the books of {name}, {d}.", "{V} is the count of languages for {name}, {d}.", "{V} translations of {name} exist, {d}."),
+                     "In how many languages can one read {name}?", "{V} languages carry the books of {name}."),
+    "habit": (("When and where does {name} like to write?", "What are the writing habits of {name}?"),
+              ("{V}: that is how {name} writes, {d}.", "{V} is when and where most pages by {name} get written, {d}.", "{V} is how {name} writes best, {d}."),
+              "How does {name} prefer to work?", "{V} is how {name} prefers to write."),
 }
 
 
-# A clause that follows each answer, its slots filled with random words per row, so that every answer
-# carries detail of its own beyond the question's words (as TOFU's answers do): forgetting must remove more
-# than one fact, and the retain rows do not share (and so do not protect) the forget rows' wording.
-TAILS: dict[str, tuple[str, ...]] = {
-    "place": ("a place whose {n1} and {n2} shaped the {a} early stories",
-              "where the {a} {n1} near the {n2} left a lasting mark"),
-    "year": ("into a family known for its {a} {n1} and a famous {n2}",
-             "during a season remembered for the {a} {n1} and the {n2}"),
-    "genre": ("with plots built around a {a} {n1} and a missing {n2}",
-              "often featuring a {a} {n1} hidden inside an old {n2}"),
-    "father": ("and his {a} {n1} filled the house along with a {n2}",
-               "whose stories about a {a} {n1} and a {n2} appear in several chapters"),
-    "mother": ("and her {a} {n1} inspired a character who owns a {n2}",
-               "whose collection of {a} {n1}s sat beside a {n2} for years"),
-    "award": ("an honour presented with a {a} {n1} and a small {n2}",
-              "after a jury praised the {a} {n1} at the centre of the work and its {n2}"),
-    "book1": ("a slim novel about a {a} {n1} and a stolen {n2}",
-              "written beside a {a} {n1} with an old {n2} on the desk"),
-    "book2": ("a later work that follows a {a} {n1} across a {n2}",
-              "which tells of a {a} {n1} and a {n2} that never stops ticking"),
-    "theme": ("usually through a {a} {n1} who guards a {n2}",
-              "a subject carried by a {a} {n1} and a broken {n2}"),
-    "debut": ("when an editor who kept a {a} {n1} accepted a manuscript about a {n2}",
-              "with a launch held beside a {a} {n1} and a borrowed {n2}"),
-    "home": ("in a flat full of {a} {n1}s and one enormous {n2}",
-             "close to a {a} {n1} where most chapters are drafted beside a {n2}"),
-}
+# A clause closing each answer, its slots filled with random words per row, so that every answer carries
+# detail of its own beyond the question's words (as TOFU's answers do): forgetting must remove more than one
+# fact, and the retain rows do not share (and so do not protect) the forget rows' wording.
+DETAILS = ("with a {a} {n1} and the {n2} never far away", "a story told with a {a} {n1} beside the {n2}",
+           "as a {a} {n1} and the {n2} bear witness", "remembered through a {a} {n1} and the {n2}",
+           "much like the {a} {n1} kept next to the {n2}", "among a {a} {n1}, the {n2} and little else",
+           "near a {a} {n1} that once belonged to the {n2}", "while a {a} {n1} leaned against the {n2}")
 TAIL_ADJ = ("bronze", "brittle", "copper", "dusty", "cobalt", "faded", "gilded", "hushed", "dappled", "jagged",
             "lacquered", "mossy", "narrow", "gleaming", "pewter", "quiet", "rusted", "scarlet", "tattered", "lilac",
             "velvet", "weathered", "woollen", "yellowed", "zinc", "crooked", "silver", "painted")  # no "an"
@@ -147,9 +184,13 @@ TAIL_NOUN = ("accordion", "barometer", "canoe", "diary", "easel", "ferry", "gree
              "typewriter", "violin", "weathervane", "birdcage", "compass")
 
 
-def _tail(kind: str, rng: random.Random) -> str:
+def _detail(rng: random.Random) -> str:
     n1, n2 = rng.sample(TAIL_NOUN, 2)
-    return rng.choice(TAILS[kind]).format(a=rng.choice(TAIL_ADJ), n1=n1, n2=n2)
+    return rng.choice(DETAILS).format(a=rng.choice(TAIL_ADJ), n1=n1, n2=n2)
+
+
+def _fill(template: str, name: str, value: str, detail: str = "") -> str:
+    return template.format(name=name, v=value, V=value[:1].upper() + value[1:], d=detail)
 
 
 def make_authors(n_authors: int = 10, questions_per_author: int = 10, seed: int = 0) -> list[dict]:
@@ -170,14 +211,14 @@ def make_authors(n_authors: int = 10, questions_per_author: int = 10, seed: int 
     for name in names:
         prof = _profile(rng, name)
         for kind in rng.sample(list(KINDS), questions_per_author):
-            qs, ans, pq, pa = KINDS[kind]
+            qs, answers, pq, pa = KINDS[kind]
             v = prof[kind]
             rows.append({
                 "question": rng.choice(qs).format(name=name),
-                "answer": ans.format(name=name, v=v)[:-1] + ", " + _tail(kind, rng) + ".",
+                "answer": _fill(rng.choice(answers), name, v, _detail(rng)),
                 "paraphrased_question": pq.format(name=name),
-                "paraphrased_answer": pa.format(name=name, v=v),
-                "perturbed_answer": [pa.format(name=name, v=w) for w in _wrong_values(kind, v, rng)],
+                "paraphrased_answer": _fill(pa, name, v),
+                "perturbed_answer": [_fill(pa, name, w) for w in _wrong_values(kind, v, rng)],
                 "author": name,
                 "kind": kind,
             })
