@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import grun_fast
-from bench.common import append_rows, device_name, now, quantiles, time_interleaved
+from bench.common import append_rows, device_name, load_average, now, quantiles, time_interleaved
 from grun_fast.evaluation.scoring import answer_nll, gate_modules
 from grun_fast.testing import make_tiny_tokenizer, tiny_llama
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     config = (f"{source} {len(rows)} questions {len(jobs)} sequences; llama d{args.hidden} L{args.layers} "
               f"vocab {len(tokenizer)}; grun layers {adapter_layers}; repeats {args.repeats}")
     base = dict(op="eval_scoring", mode=args.split, rows=len(jobs), d=args.hidden, dtype="fp32", device=device,
-                date=now(), config=config)
+                date=now(), config=config, load=load_average())
     csv_rows = [
         dict(base, provider="batched", median=b[0], p20=b[1], p80=b[2], unit="s", batch=args.batch_size),
         dict(base, provider="one_by_one", median=o[0], p20=o[1], p80=o[2], unit="s", batch=1),

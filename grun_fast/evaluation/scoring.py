@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from grun_fast.data.encoding import encode_example, pad_examples, pad_token_id_of
 from grun_fast.data.prompts import prompt_ids
+from grun_fast.patching import adapter_modules, adapter_names, edit_at
 
 GateModules = Mapping[str, Mapping[int, torch.nn.Module]]
 
@@ -34,22 +35,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def gate_modules(model: torch.nn.Module, names: str | Sequence[str] | None = None
                  ) -> dict[str, dict[int, torch.nn.Module]]:
     """``{adapter name: {layer: module}}`` for the adapters whose gates are reported (None: all of them)."""
-    import grun_fast
-
     if names is None:
-        names = grun_fast.adapter_names(model)
+        names = adapter_names(model)
     elif isinstance(names, str):
         names = [names]
-    return {name: dict(grun_fast.adapter_modules(model, name)) for name in names}
+    return {name: dict(adapter_modules(model, name)) for name in names}
 
 
 def edit_at_positions(model: torch.nn.Module, positions: torch.Tensor):
     """Edit exactly at ``positions`` during this forward (nothing to do for a model without adapters)."""
-    import grun_fast
-
-    if not grun_fast.adapter_names(model):
+    if not adapter_names(model):
         return contextlib.nullcontext()
-    return grun_fast.edit_at(model, positions=positions)
+    return edit_at(model, positions=positions)
 
 
 def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -21,7 +21,6 @@ REQUIRED_FIELDS = {
     RETAIN: ("question", "answer", "paraphrased_answer", "perturbed_answer"),
     KNOWLEDGE: ("question", "answer", "perturbed_answer"),
 }
-UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 
 
 def split_kind(name: str) -> str:

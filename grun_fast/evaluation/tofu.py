@@ -16,7 +16,7 @@ import numpy as np
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation import metrics
 from grun_fast.evaluation.scoring import answer_nll, gate_modules, generate
-from grun_fast.evaluation.splits import FORGET, KNOWLEDGE, UTILITY_SPLITS, split_kind, validate_split
+from grun_fast.evaluation.splits import FORGET, KNOWLEDGE, split_kind, validate_split
 
 
 def _retain_ratios_by_split(retain_truth_ratios: Any, forget_names: list[str]) -> dict[str, list[float]]:
@@ -156,7 +156,7 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
     quality = {}
     for name, ratios in retain_ratios.items():
         quality[name] = metrics.forget_quality([r["truth_ratio"] for r in results[name]["rows"]], ratios)
-    utility = metrics.model_utility(results) if all(s in results for s in UTILITY_SPLITS) else None
+    utility = metrics.model_utility(results) if all(s in results for s in metrics.UTILITY_SPLITS) else None
     return {
         "splits": results,
         "forget_quality": quality,
