@@ -5,10 +5,12 @@ Both sides build a random-weight Llama from bench/reference_stack/config.json (d
 time one GD step on the same token rows (batch 8 forget + 8 retain of 96 tokens):
 -NLL_f + 2 NLL_r + 10 BCE(gates), backward, grad clip 1.0, AdamW (lr 4e-3, weight decay 0).
 
-- ours (this process, project venv): grun_fast.patch + grun_fast.edit_at, the step in plain torch,
-  in the variants of MODES: `two_forwards` (as the reference route), `joint` (one forward of 16
-  rows), `cached` (+ the trainer's reuse of the frozen lower layers), `answer_head` (+ LM head only
-  at answer tokens). All start from the same weights and rows; their first losses are checked equal.
+- ours (this process, project venv): grun_fast's GRUNTrainer, timing its own step code
+  (training_step -> compute_loss, backward; then clip and AdamW as its loop does) in the variants of
+  MODES, each switching on one more of the trainer's shortcuts: `plain` (caches and shortcuts off; one
+  forward of 16 rows), `cached` (+ reuse of the frozen lower layers), `answer_head` (+ LM head only at
+  answer tokens), `prefix_kv` (+ cached prompt-prefix keys/values: the trainer's default). All start
+  from the same weights and rows; their first losses are checked equal.
 - reference (a worker process in its own venv, .cache/ref_venv, made by
   bench/reference_stack/setup_venv.sh on first use: it downloads pyreft, pyvene and
   transformers 4.45.1 from PyPI): bench/reference_stack/ref_step.py.
@@ -23,7 +25,6 @@ Prints the ratios and appends rows to bench/results/training.csv.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as dt
 import json
@@ -42,7 +43,7 @@ REF_DIR = HERE / "reference_stack"
 REF_VENV = REPO / ".cache" / "ref_venv"
 RESULTS = HERE / "results" / "training.csv"
 sys.path.insert(0, str(REF_DIR))
-from workload import gd_loss, load_config, make_batches  # noqa: E402
+from workload import load_config, make_batches  # noqa: E402
 
 CSV_FIELDS = ["op", "provider", "mode", "x", "median", "p20", "p80", "unit", "n", "device", "date",
               "model", "batch", "layers", "rank", "versions"]
@@ -60,92 +61,79 @@ def _llama(cfg: dict) -> torch.nn.Module:
 
 
 MODES = {
-    "two_forwards": "forget rows, then retain rows, one forward each (as the reference route does)",
-    "joint": "forget and retain rows in one forward of 16 rows",
-    "cached": "joint, and the frozen layers below the lowest edited one reused per example "
-              "(grun_fast.unlearn.cache.LowerLayerCache, as the trainer does; steady state, epoch >= 2)",
-    "answer_head": "cached, and the LM head applied only where an answer token is predicted",
+    "plain": "the trainer's step with its caches and shortcuts off: one forward of 16 rows, LM head at every token",
+    "cached": "+ the frozen layers below the lowest edited one reused per example (LowerLayerCache; steady "
+              "state, epoch >= 2)",
+    "answer_head": "+ the LM head applied only where an answer token is predicted",
+    "prefix_kv": "+ the prompt prefix's keys/values cached per example, each step runs only the answer "
+                 "suffix (PrefixCache; the trainer's default)",
 }
 
 
 class Ours:
-    """grun_fast on the same model shape, stepping with plain torch (see MODES)."""
+    """grun_fast's GRUNTrainer on the same model shape: each call is the trainer's own step code
+    (GRUNTrainer.training_step: stack_pair, compute_loss, backward) then grad clip 1.0 and AdamW, as its
+    training loop does (the learning rate held constant). `mode` switches the trainer's shortcuts."""
 
     def __init__(self, cfg: dict, mode: str):
+        import tempfile
+
+        from transformers import TrainingArguments
+
         import grun_fast
+        from grun_fast.unlearn.config import UnlearnConfig
+        from grun_fast.unlearn.trainer import GRUNTrainer
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.grun_fast, self.mode, self.cfg, self.bare = grun_fast, mode, cfg, None
         self.model = _llama(cfg).eval().requires_grad_(False)
-        grun_fast.patch(self.model, grun_fast.GRUNConfig(layers=cfg["layers"], rank=cfg["rank"]))
+        ucfg = UnlearnConfig(method="gd", layers=cfg["layers"], rank=cfg["rank"], batch_size=cfg["batch"],
+                             lr=cfg["lr"], weight_decay=0.0, lambda_r=2.0, lambda_g=10.0, progress=False)
+        grun_fast.patch(self.model, ucfg.grun_config(cfg["model"]["num_hidden_layers"]))
         self.modules = list(grun_fast.adapter_modules(self.model).values())
         self.params = list(grun_fast.adapter_parameters(self.model))
-        self.opt = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=0.0)
-        self.forget, self.retain = make_batches(cfg)
-        self.n_forget = self.forget["input_ids"].shape[0]
-        self.joint = {k: torch.cat([self.forget[k], self.retain[k]]) for k in self.forget}
-        self.lower = None
-        if mode in ("cached", "answer_head"):
-            from grun_fast.unlearn.cache import LowerLayerCache
-
-            self.lower = LowerLayerCache(self.model, min(cfg["layers"]), max_bytes=2**30)
-            self.keys = [("row", i) for i in range(self.joint["input_ids"].shape[0])]
+        for p in self.params:
+            p.requires_grad_(True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="grun-bench-")
+        args = TrainingArguments(output_dir=self._tmp.name, per_device_train_batch_size=cfg["batch"],
+                                 learning_rate=cfg["lr"], weight_decay=0.0, max_grad_norm=1.0, report_to="none",
+                                 remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
+        self.trainer = GRUNTrainer(model=self.model, args=args, grun_model=self.model, grun_config=ucfg,
+                                   pad_token_id=0)
+        self.trainer.create_optimizer()
+        self.trainer.current_gradient_accumulation_steps = 1   # set by the training loop otherwise
+        self.opt = self.trainer.optimizer
+        if mode == "plain":
+            self.trainer.lower_cache = None
+        if mode in ("plain", "cached"):
+            self.trainer.answer_head = False
+        if mode != "prefix_kv":
+            self.trainer.prefix_cache = None
+        forget, retain = make_batches(cfg)
+        self.inputs = {}
+        for side, batch in (("forget", forget), ("retain", retain)):
+            for key in ("input_ids", "attention_mask", "labels"):
+                self.inputs[f"{side}_{key}"] = batch[key]
+            self.inputs[f"{side}_edit_pos"] = batch["positions"]
+            self.inputs[f"{side}_index"] = torch.arange(batch["input_ids"].shape[0])
         self.losses: list[float] = []
 
-    def _gates(self) -> torch.Tensor:
-        return torch.stack([m.last_gate for m in self.modules])   # [layers, B]
-
-    def _separate(self):
-        """NLL (HF's label loss, token mean) and gates of the forget and the retain forward."""
-        out = []
-        for batch in (self.forget, self.retain):
-            with self.grun_fast.edit_at(self.model, positions=batch["positions"]):
-                nll = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch["labels"], use_cache=False).loss
-            out.append((nll, self._gates().reshape(-1)))
-        (nll_f, gate_f), (nll_r, gate_r) = out
-        return nll_f, nll_r, gate_f, gate_r
-
-    def _together(self):
-        """Forget and retain rows in one forward; per side the token-mean answer NLL, as above."""
-        batch, nf = self.joint, self.n_forget
-        skipping = contextlib.nullcontext()
-        if self.lower is not None:
-            hidden = self.lower.fetch(self.keys, batch["input_ids"], batch["attention_mask"])
-            if not self.lower.enabled:
-                raise RuntimeError("LowerLayerCache cannot bypass this model's layers")
-            skipping = self.lower.skipping(hidden)
-        target = batch["labels"][:, 1:]                    # token t predicts label t + 1
-        answer = target != -100
-        with skipping, self.grun_fast.edit_at(self.model, positions=batch["positions"]):
-            if self.mode == "answer_head":
-                hidden = self.model.get_decoder()(input_ids=batch["input_ids"],
-                                                  attention_mask=batch["attention_mask"],
-                                                  use_cache=False).last_hidden_state
-                logits = self.model.get_output_embeddings()(hidden[:, :-1][answer])       # [N, V]
-                nll_tok = torch.nn.functional.cross_entropy(logits.float(), target[answer],
-                                                            reduction="none")
-                nll = torch.zeros(target.shape, dtype=nll_tok.dtype).masked_scatter(answer, nll_tok)
-            else:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                        target.flatten(), reduction="none").view_as(target)
-        gates = self._gates()
-        valid = answer.float()
-        nll_f = (nll[:nf] * valid[:nf]).sum() / valid[:nf].sum()
-        nll_r = (nll[nf:] * valid[nf:]).sum() / valid[nf:].sum()
-        return nll_f, nll_r, gates[:, :nf].reshape(-1), gates[:, nf:].reshape(-1)
-
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        nll_f, nll_r, gate_f, gate_r = self._separate() if self.mode == "two_forwards" else self._together()
-        loss = gd_loss(nll_f, nll_r, gate_f, gate_r)
-        loss.backward()
+        loss = self.trainer.training_step(self.model, self.inputs)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
-        self.losses.append(float(loss.detach()))
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(float(loss))
+
+    def check(self) -> str:
+        """The trainer took the path this mode names (no silent fallback)."""
+        t = self.trainer
+        if self.mode == "prefix_kv" and not (t.prefix_cache.enabled and t.prefix_cache.hits):
+            raise RuntimeError("the prefix cache was not used")
+        if self.mode in ("cached", "answer_head") and not (t.lower_cache.enabled and t.lower_cache.hits):
+            raise RuntimeError("the lower-layer cache was not used")
+        return self.mode
 
     def plain_two_forwards(self) -> None:
         """Calibration: two no-grad forwards of the bare base model (an unpatched twin, same weights)."""
@@ -312,6 +300,8 @@ def main(argv=None) -> int:
     finally:
         ref.close()
 
+    for side in ours.values():
+        side.check()
     first = {mode: side.losses[0] for mode, side in ours.items()}   # same start, same rows
     for mode, side in ours.items():
         if not all(x == x for x in side.losses):

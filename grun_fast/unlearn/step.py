@@ -10,7 +10,8 @@ Three ways to get the same numbers, fastest last (each falls back to the one bef
 - cached prefix (``PrefixCache``): the tokens before ``edit_pos`` never depend on the adapter (causal
   attention; the edit sits at ``edit_pos``), so their keys/values are computed once per example and each
   step runs only the suffix ``[edit_pos, end)`` against them; with layers below the lowest edited one
-  bypassed too (their outputs at the suffix tokens are constant as well).
+  bypassed too: up to and including the lowest edited layer, whose unedited output at the suffix is
+  constant as well (its adapters' hooks then edit the cached output).
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def supports_answer_head(model: nn.Module) -> bool:
         return False
 
 
+class _TokenNLL(torch.autograd.Function):
+    """Per-token NLL of fp32 logits [N, V]: ``logsumexp - logit[target]``; the backward writes
+    ``(softmax - onehot) * grad`` into one buffer (F.cross_entropy's path allocates and fills several
+    [N, V] tensors, a sizeable share of a small model's step with a 32k vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, target)
+        return lse - logits.gather(-1, target[:, None]).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, target = ctx.saved_tensors
+        p = torch.sub(logits, lse[:, None]).exp_()
+        p.scatter_add_(-1, target[:, None], torch.full_like(lse[:, None], -1.0))
+        return p.mul_(grad[:, None]), None
+
+
 def _head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL of ``target`` (-100: unscored) predicted from ``hidden`` [B, T, d] (same T)."""
     answer = target != IGNORE_INDEX
@@ -56,7 +76,7 @@ def _head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> t
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    nll = F.cross_entropy(logits, target[answer], reduction="none")
+    nll = _TokenNLL.apply(logits, target[answer])
     rows = torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(answer, nll)
     return rows.sum(-1)
 
@@ -98,9 +118,10 @@ def batch_answer_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, la
 
 class PrefixCache:
     """Per example: the frozen model's keys/values of the prompt prefix ``[0, edit_pos)`` at every layer that
-    runs, and (``skip`` >= 1) the output of layer ``skip - 1`` at the suffix tokens, within ``max_bytes``.
+    runs, and the unedited output of layer ``skip`` at the suffix tokens, within ``max_bytes``.
 
-    ``skip`` is the lowest layer edited by any adapter (layers below it are bypassed at the suffix). Only
+    ``skip`` is the lowest layer edited by any adapter: layers ``0 .. skip`` are bypassed at the suffix
+    (layer ``skip`` hands on the cached output, which its adapter hooks edit as usual). Only
     valid while no adapter that trains edits every token (``positions="all"``): the caller checks that.
     The first batch is run both ways and compared; on any mismatch or unsupported cache the cache turns
     itself off (one log line) and the caller's plain path is used.
@@ -116,7 +137,7 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
         self.enabled = True
-        self.bypass = skip >= 1
+        self.bypass = True
         self.checked = False
         self.kwarg = _cache_kwarg(self.backbone)
 
@@ -131,31 +152,32 @@ class PrefixCache:
         """One full no-grad forward of these rows (edited as in training); per row its cache entry."""
         captured = {}
 
-        def grab(module, args, output):
-            captured["h"] = output
-        handle = self.layers[self.skip - 1].register_forward_hook(grab) if self.skip >= 1 else None
+        def grab(module, args, output):   # runs before the adapters' hooks (which edit in place under no_grad)
+            captured["h"] = output.clone() if isinstance(output, torch.Tensor) else output[0].clone()
+            captured["tuple"] = not isinstance(output, torch.Tensor)
+        handle = self.layers[self.skip].register_forward_hook(grab, prepend=True)
         try:
             with edit_at(self.model, positions=edit_pos):
                 out = self.backbone(input_ids=ids, attention_mask=mask, use_cache=True)
         finally:
             if handle is not None:
                 handle.remove()
-        cache = getattr(out, "past_key_values", None)
+        cache = out.get("cache", None)
         if cache is None:
-            cache = getattr(out, "cache", None)
+            cache = out.get("past_key_values", None)
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.layers) or any(
                 type(layer).__name__ != "DynamicLayer" or getattr(layer, "keys", None) is None for layer in layers):
             self.disable("the model's KV cache is not a plain per-layer DynamicCache")
             return None
         lower = captured.get("h")
-        if lower is not None and not isinstance(lower, torch.Tensor):
+        if captured.get("tuple"):
             self.bypass = False          # layers return tuples: run every layer at the suffix
-            lower = lower[0]
         lengths = mask.sum(-1).tolist()
         entries = []
         for i, (e, n) in enumerate(zip(edit_pos.tolist(), lengths)):
-            kv = [(layer.keys[i, :, :e].clone(), layer.values[i, :, :e].clone()) for layer in layers]
+            kv = [None if self.bypass and li <= self.skip else (layer.keys[i, :, :e].clone(), layer.values[i, :, :e].clone())
+                  for li, layer in enumerate(layers)]
             entry = {"kv": kv, "lower": lower[i, e:n].clone() if lower is not None else None}
             entries.append(entry)
         return entries
@@ -176,7 +198,7 @@ class PrefixCache:
                 return None
             for k, entry in zip(missing, computed):
                 fresh[k] = entry
-                tensors = [t for kv in entry["kv"] for t in kv] + ([entry["lower"]] if entry["lower"] is not None else [])
+                tensors = [t for kv in entry["kv"] if kv is not None for t in kv] + ([entry["lower"]] if entry["lower"] is not None else [])
                 size = sum(t.numel() * t.element_size() for t in tensors)
                 if self.max_bytes > 0 and self.used_bytes + size <= self.max_bytes:
                     self.store[k] = entry
@@ -234,13 +256,13 @@ class PrefixCache:
 
             cache = DynamicCache()
             for li in range(len(self.layers)):
-                k0, v0 = entries[0]["kv"][li]
-                shape_k = (batch, k0.shape[0], P, k0.shape[-1])
-                shape_v = (batch, v0.shape[0], P, v0.shape[-1])
-                if self.bypass and li < self.skip:               # never read: only its length matters
-                    keys_t = torch.zeros(batch, 1, P, 1, dtype=k0.dtype, device=device)
+                if entries[0]["kv"][li] is None:                # bypassed: never read, only its length matters
+                    keys_t = torch.zeros(batch, 1, P, 1, dtype=entries[0]["lower"].dtype, device=device)
                     vals_t = keys_t
                 else:
+                    k0, v0 = entries[0]["kv"][li]
+                    shape_k = (batch, k0.shape[0], P, k0.shape[-1])
+                    shape_v = (batch, v0.shape[0], P, v0.shape[-1])
                     keys_t = torch.zeros(shape_k, dtype=k0.dtype, device=device)
                     vals_t = torch.zeros(shape_v, dtype=v0.dtype, device=device)
                     for i, entry in enumerate(entries):
@@ -256,7 +278,7 @@ class PrefixCache:
             lower = torch.zeros(batch, S, d, dtype=entries[0]["lower"].dtype, device=device)
             for i, entry in enumerate(entries):
                 lower[i, : entry["lower"].shape[0]] = entry["lower"]
-            skipping = bypass_lower_layers(self.layers, self.skip, lower)
+            skipping = bypass_lower_layers(self.layers, self.skip + 1, lower)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         with skipping, edit_at(self.model, positions=zeros, cached_prefix=True):
             kwargs = {self.kwarg: cache} if cache is not None else {}

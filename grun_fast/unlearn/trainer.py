@@ -145,6 +145,7 @@ class GRUNTrainer(Trainer):
         skip = min(i for name in adapter_names(grun_model) for i in adapter_config(grun_model, name).layers)
         self.lower_cache = (LowerLayerCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
                             if skip > 0 and grun_config.cache_lower_mb > 0 else None)
+        self.answer_head = True               # LM head only where an answer token is predicted
         # the prompt prefix is adapter-independent unless a training adapter edits every token
         self.prefix_cache = (PrefixCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
                              if grun_config.cache_prefix and grun_config.cache_lower_mb > 0
@@ -227,7 +228,7 @@ class GRUNTrainer(Trainer):
             # several: through the DDP wrapper (its forward arms the gradient all-reduce), full logits
             single = world == 1 and model is self.grun_model
             nll, _ = batch_answer_nll(self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys,
-                                      lower_cache=self.lower_cache, answer_head=single,
+                                      lower_cache=self.lower_cache, answer_head=single and self.answer_head,
                                       prefix_cache=self.prefix_cache if single else None, call=model)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
