@@ -1,7 +1,8 @@
 """Serving overhead: `generate` on an unpatched model vs the same model patched in last_prompt / all mode.
 
 Random weights are enough for timing. Each configuration runs alternately with the unpatched model in one
-process; overhead = median(patched) / median(unpatched) - 1 (p20/p80 from the back-to-back pairs).
+process; overhead = median over repeats of patched / unpatched - 1, each pair timed back to back (drift cancels);
+on CPU also in process CPU seconds (steadier than the wall clock on a shared machine).
 Rows go to bench/results/results.csv.
 
     python -m bench.bench_serving                 # d=512, 8 layers, adapter at [4, 6, 7], batch 1
@@ -10,12 +11,13 @@ Rows go to bench/results/results.csv.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import transformers
 
 import grun_fast
-from bench.common import append_rows, device_name, now, quantiles, time_interleaved
+from bench.common import append_rows, device_name, now, quantiles, synchronize
 
 # Llama shapes (random weights) and the adapter layers used on each: GRUN's 20, 25, 31 of 32 scaled down.
 MODELS = {
@@ -48,8 +50,10 @@ def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, r
                 model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=0)
 
+        cpu = torch.device(device).type == "cpu"
+        clocks = ("wall", "cpu") if cpu else ("wall",)
         for mode in modes:
-            samples = {"unpatched": [], mode: []}
+            samples = {c: {"unpatched": [], mode: []} for c in clocks}
             config = grun_fast.GRUNConfig(layers=layers, positions=mode)
             generate()  # warm-up (unpatched, then patched)
             grun_fast.patch(model, config)
@@ -60,28 +64,39 @@ def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, r
                     if patched:
                         grun_fast.patch(model, config)
                     key = mode if patched else "unpatched"
-                    samples[key] += time_interleaved({"g": generate}, 1, warmup=0, device=device)["g"]
+                    synchronize(device)
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    generate()
+                    synchronize(device)
+                    samples["wall"][key].append(time.perf_counter() - t0)
+                    if cpu:
+                        samples["cpu"][key].append(time.process_time() - c0)
                     if patched:
                         grun_fast.unpatch(model)
-            base_median = quantiles(samples["unpatched"])[0]
             common = dict(d=model.config.hidden_size, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
                           date=now(), config=f"llama-{model_name} layers={layers}", batch=batch,
                           note=f"prompt {prompt_len} + {new_tokens} new tokens; {repeats} alternations")
-            for provider, values in samples.items():
-                median, p20, p80 = quantiles(values)
-                rows.append(dict(common, op="generate", provider=provider, mode=mode, median=median, p20=p20, p80=p80,
-                                 unit="s"))
-                tokens = batch * new_tokens
-                rows.append(dict(common, op="generate_tokens_per_s", provider=provider, mode=mode,
-                                 median=tokens / median, p20=tokens / p80, p80=tokens / p20, unit="tok/s"))
-            ratios = [p / u for p, u in zip(samples[mode], samples["unpatched"])]  # each pair measured back to back
-            overhead = quantiles(samples[mode])[0] / base_median - 1
-            _, r20, r80 = quantiles(ratios)
-            rows.append(dict(common, op="generate_overhead", provider=mode, mode=mode, median=overhead, p20=r20 - 1,
-                             p80=r80 - 1, unit="fraction"))
-            print(f"{model_name} batch {batch:>3} {mode:>11}: unpatched {base_median * 1e3:8.1f} ms, "
-                  f"patched {quantiles(samples[mode])[0] * 1e3:8.1f} ms, overhead {overhead * 100:+.2f} % "
-                  f"(pairwise p20 {100 * (r20 - 1):+.1f} %, p80 {100 * (r80 - 1):+.1f} %)", flush=True)
+            line = f"{model_name} batch {batch:>3} {mode:>11}:"
+            for clock in clocks:
+                unit = "s" if clock == "wall" else "cpu_s"
+                for provider, values in samples[clock].items():
+                    median, p20, p80 = quantiles(values)
+                    rows.append(dict(common, op="generate", provider=provider, mode=mode, median=median, p20=p20,
+                                     p80=p80, unit=unit))
+                    if clock == "wall":
+                        tokens = batch * new_tokens
+                        rows.append(dict(common, op="generate_tokens_per_s", provider=provider, mode=mode,
+                                         median=tokens / median, p20=tokens / p80, p80=tokens / p20, unit="tok/s"))
+                # overhead: the median over repeats of patched / unpatched, each pair measured back to back, so
+                # drift in the machine's load cancels; p20/p80 of the same pairwise ratios
+                ratios = [p / u for p, u in zip(samples[clock][mode], samples[clock]["unpatched"])]
+                overhead, r20, r80 = (x - 1 for x in quantiles(ratios))
+                rows.append(dict(common, op="generate_overhead", provider=mode, mode=mode, median=overhead, p20=r20,
+                                 p80=r80, unit="fraction" if clock == "wall" else "fraction_cpu"))
+                line += (f" [{clock}] unpatched {quantiles(samples[clock]['unpatched'])[0] * 1e3:7.1f} ms, "
+                         f"patched {quantiles(samples[clock][mode])[0] * 1e3:7.1f} ms, overhead {overhead * 100:+.2f} %"
+                         f" (p20 {100 * r20:+.1f}, p80 {100 * r80:+.1f})")
+            print(line, flush=True)
     return rows
 
 

@@ -2,7 +2,9 @@
 
 The workload is the training benchmark's (bench/reference_stack/config.json: Llama d=512, 8 layers,
 batch 8 forget + 8 retain of 96 tokens). Each variant does one optimiser step on the joint 16 rows:
-- grun: the adapter at layers [4, 6, 7], gated GD (-NLL_f + 2 NLL_r + 10 BCE), base frozen;
+- grun: the adapter at layers [4, 6, 7], gated GD (-NLL_f + 2 NLL_r + 10 BCE), base frozen, through
+  bench_training_vs_reference.Ours (GRUNTrainer's step) with its shortcuts off (the same work as the peers);
+- grun_fast: the same with the trainer's shortcuts on (cached prefix / lower layers, LM head at answers);
 - lora: peft LoRA r=8 on q/k/v/o of every layer, GD loss (-NLL_f + 2 NLL_r), base frozen;
 - full: every weight trainable, the same GD loss.
 Times alternate call by call in one process (median of rounds); peak memory is measured per variant in a
@@ -21,11 +23,22 @@ from pathlib import Path
 
 import torch
 
+from bench import bench_training_vs_reference as ref_bench
 from bench.bench_training_vs_reference import Ours, _llama, _timed, load_config, make_batches
 from bench.common import append_rows, device_name, now, quantiles
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("grun", "lora", "full")
+VARIANTS = ("grun", "grun_fast", "lora", "full")
+
+
+def grun_mode(kind: str) -> str:
+    """The mode of the training benchmark's `Ours` for a GRUN variant: `grun` does the same work as the peers
+    (one forward of the 16 rows, LM head at every token); `grun_fast` is the trainer with its shortcuts on."""
+    prefer = ("plain", "joint") if kind == "grun" else ("prefix_kv", "answer_head", "cached")
+    for mode in prefer:
+        if mode in ref_bench.MODES:
+            return mode
+    raise RuntimeError(f"bench_training_vs_reference.MODES has none of {prefer}: {list(ref_bench.MODES)}")
 
 
 class Peer:
@@ -60,7 +73,7 @@ class Peer:
 
 
 def build(kind: str, cfg: dict):
-    return Ours(cfg, "joint") if kind == "grun" else Peer(cfg, kind)
+    return Ours(cfg, grun_mode(kind)) if kind.startswith("grun") else Peer(cfg, kind)
 
 
 def trainable(variant) -> int:
@@ -109,7 +122,8 @@ def measure(rounds: int = 5, memory: bool = True, threads: int = 0, batch: int |
         variant.step()  # warm-up
     times = {kind: [] for kind in VARIANTS}
     for round_ in range(rounds):
-        order = VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]
+        shift = round_ % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for kind in order:
             times[kind].append(_timed(variants[kind].step)[0])
     mem = {}
@@ -123,13 +137,13 @@ def measure(rounds: int = 5, memory: bool = True, threads: int = 0, batch: int |
     rows = []
     print(f"training step, Llama d={cfg['model']['hidden_size']} x {cfg['model']['num_hidden_layers']} layers, "
           f"batch {cfg['batch']}+{cfg['batch']} x {cfg['seq_len']}, {rounds} rounds, {device_name()}")
-    print(f"{'variant':<6} {'trainable':>12} {'median ms':>10} {'grun / it':>10} {'peak MiB':>9}")
+    print(f"{'variant':<9} {'trainable':>12} {'median ms':>10} {'grun / it':>10} {'peak MiB':>9}")
     for kind in VARIANTS:
         median, p20, p80 = quantiles(times[kind])
         mib = mem.get(kind)
-        print(f"{kind:<6} {trainable(variants[kind]):>12,} {median * 1e3:>10.0f} {grun_median / median:>10.2f} "
+        print(f"{kind:<9} {trainable(variants[kind]):>12,} {median * 1e3:>10.0f} {grun_median / median:>10.2f} "
               f"{'-' if mib is None else f'{mib:.0f}':>9}")
-        common = dict(op="train_step", provider=kind, mode="gd", d=cfg["model"]["hidden_size"], r=cfg["rank"],
+        common = dict(op="train_step", provider=kind, mode=f"gd {grun_mode(kind)}" if kind.startswith("grun") else "gd", d=cfg["model"]["hidden_size"], r=cfg["rank"],
                       dtype="fp32", device=device_name(), date=now(),
                       config=f"llama-d{cfg['model']['hidden_size']} L{cfg['model']['num_hidden_layers']} "
                              f"layers={cfg['layers']}",
@@ -138,11 +152,12 @@ def measure(rounds: int = 5, memory: bool = True, threads: int = 0, batch: int |
         rows.append(dict(common, median=median, p20=p20, p80=p80, unit="s"))
         if mib is not None:
             rows.append(dict(common, op="train_step_peak_memory", median=mib, unit="MiB"))
-        if kind != "grun":  # per-round ratios: each round times all three back to back
-            ratios = [g / o for g, o in zip(times["grun"], times[kind])]
-            _, r20, r80 = quantiles(ratios)
-            rows.append(dict(common, op="train_step_ratio", provider=f"grun/{kind}", median=grun_median / median,
-                             p20=r20, p80=r80, unit="ratio"))
+        if kind in ("lora", "full"):  # per-round ratios: each round times all three back to back
+            for ours in ("grun", "grun_fast"):
+                ratios = [g / o for g, o in zip(times[ours], times[kind])]
+                _, r20, r80 = quantiles(ratios)
+                rows.append(dict(common, op="train_step_ratio", provider=f"{ours}/{kind}", mode="gd",
+                                 median=quantiles(times[ours])[0] / median, p20=r20, p80=r80, unit="ratio"))
     return rows
 
 

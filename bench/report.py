@@ -19,7 +19,7 @@ from bench import common
 
 KEY = ("op", "provider", "mode", "rows", "d", "r", "dtype", "unit", "device", "config", "batch")
 OP_PROVIDERS = ("triton", "triton-det", "torch", "compile", "reference")
-TRAIN_VARIANTS = ("grun", "lora", "full")
+TRAIN_VARIANTS = ("grun", "grun_fast", "lora", "full")
 
 
 def latest(rows: list[dict]) -> list[dict]:
@@ -133,23 +133,26 @@ def serving_section(rows: list[dict]) -> str:
     for r in rows:
         if r["op"] in ("generate", "generate_tokens_per_s", "generate_overhead"):
             c = cases.setdefault((r["device"], r["config"], r["dtype"], r["batch"], r["mode"]), {})
-            c[(r["op"], r["provider"])] = r
+            c[(r["op"], r["provider"], r["unit"])] = r
     lines = []
     for (device, config, dtype, batch, mode), c in sorted(
             cases.items(), key=lambda kv: (kv[0][0], num(note_d(kv[0][1])), kv[0][1], num(kv[0][3]), kv[0][4])):
-        over = c.get(("generate_overhead", mode))
-        pct = spread(over, 100, 2) if over else "-"
+        over = c.get(("generate_overhead", mode, "fraction"))
+        over_cpu = c.get(("generate_overhead", mode, "fraction_cpu"))
         target = 3.0 if mode == "last_prompt" else 10.0
         applies = config.startswith("llama-d512") and batch == "1"
-        mark = target_mark(num(over["median"]) * 100 <= target, applies) if over else "-"
-        lines.append([device, config, dtype, batch, mode, spread(c.get(("generate", "unpatched")), 1e3),
-                      spread(c.get(("generate", mode)), 1e3),
-                      fmt(num((c.get(("generate_tokens_per_s", "unpatched")) or {}).get("median"))),
-                      fmt(num((c.get(("generate_tokens_per_s", mode)) or {}).get("median"))), pct,
-                      f"{mark} (<= {target:.0f} %)" if applies else "-"])
+        marks = [target_mark(num(o["median"]) * 100 <= target) for o in (over, over_cpu) if o]
+        lines.append([device, config, dtype, batch, mode, spread(c.get(("generate", "unpatched", "s")), 1e3),
+                      spread(c.get(("generate", mode, "s")), 1e3),
+                      fmt(num((c.get(("generate_tokens_per_s", "unpatched", "tok/s")) or {}).get("median"))),
+                      fmt(num((c.get(("generate_tokens_per_s", mode, "tok/s")) or {}).get("median"))),
+                      spread(over, 100, 2), spread(over_cpu, 100, 2),
+                      f"{' / '.join(marks)} (<= {target:.0f} %)" if applies and marks else "-"])
     head = ["device", "model (random weights)", "dtype", "batch", "mode", "unpatched ms", "patched ms",
-            "unpatched tok/s", "patched tok/s", "overhead % [pairwise p20, p80]", "CPU target (d512, batch 1)"]
-    return table(head, lines)
+            "unpatched tok/s", "patched tok/s", "overhead % wall [p20, p80]", "overhead % CPU time [p20, p80]",
+            "CPU target (d512, batch 1): wall / CPU time"]
+    return ("Overhead: the median over repeats of patched / unpatched - 1, each pair timed back to back; on CPU also "
+            "in process CPU seconds (steadier on a shared machine).\n\n" + table(head, lines))
 
 
 def note_d(config: str) -> str:
@@ -165,13 +168,16 @@ def training_section(rows: list[dict]) -> str:
     lines = []
     for (device, config, batch), c in cases.items():
         step = [spread(c.get(("train_step", v)), 1e3, 3) for v in TRAIN_VARIANTS]
-        ratios = [spread(c.get(("train_step_ratio", f"grun/{v}"))) for v in ("lora", "full")]
+        ratios = [spread(c.get(("train_step_ratio", f"{g}/{v}"))) for g in ("grun", "grun_fast") for v in ("lora", "full")]
         mem = " / ".join(fmt(num(c[("train_step_peak_memory", v)]["median"])) if ("train_step_peak_memory", v) in c
                          else "-" for v in TRAIN_VARIANTS)
         lines.append([device, config, batch] + step + ratios + [mem])
     text = "### GRUN step vs LoRA (peft, r=8, q/k/v/o) and full fine-tuning (same model and rows, interleaved)\n\n"
-    text += table(["device", "model", "rows (forget+retain x tokens)", "grun ms", "lora ms", "full ms",
-                   "grun / lora", "grun / full", "peak MiB grun / lora / full"], lines)
+    text += ("grun: the trainer's step with its shortcuts off (the same work as the peers); grun_fast: with the "
+             "trainer's shortcuts (cached prefix or lower layers, LM head at answer tokens).\n\n")
+    text += table(["device", "model", "rows (forget+retain x tokens)", "grun ms", "grun_fast ms", "lora ms", "full ms",
+                   "grun / lora", "grun / full", "grun_fast / lora", "grun_fast / full",
+                   "peak MiB grun / grun_fast / lora / full"], lines)
     ref = OrderedDict()
     for r in rows:
         if r["op"] in ("gd_step", "gd_step_ratio", "calibration"):
@@ -212,13 +218,16 @@ def headline(rows: list[dict]) -> str:
                      f"**{fmt(num(r['median']))}x** (target >= 100x: {target_mark(num(r['median']) >= 100)}) "
                      f"on {r['device']}, {r['date']}")
     for mode, target in (("last_prompt", 3), ("all", 10)):
-        over = [r for r in rows if r["op"] == "generate_overhead" and r["mode"] == mode
-                and r["config"].startswith("llama-d512") and r["batch"] == "1"]
-        for r in over[-1:]:
-            pct = num(r["median"]) * 100
-            items.append(f"- `generate` overhead, {mode} mode, d=512, 8 layers, 3 edited layers, batch 1: "
-                         f"**{pct:+.1f} %** (target <= {target} %: {target_mark(pct <= target)}) on {r['device']}, "
-                         f"{r['date']}")
+        for unit, clock in (("fraction", "wall clock"), ("fraction_cpu", "process CPU time")):
+            over = [r for r in rows if r["op"] == "generate_overhead" and r["mode"] == mode and r["unit"] == unit
+                    and r["config"].startswith("llama-d512") and r["batch"] == "1"]
+            for r in over[-1:]:
+                pct = num(r["median"]) * 100
+                lo, hi = num(r["p20"]) * 100, num(r["p80"]) * 100
+                band = f" [p20 {lo:+.1f}, p80 {hi:+.1f}]" if lo == lo and hi == hi else ""
+                items.append(f"- `generate` overhead, {mode} mode, d=512, 8 layers, 3 edited layers, batch 1 "
+                             f"({clock}): **{pct:+.1f} %**{band} (target <= {target} %: {target_mark(pct <= target)}) "
+                             f"on {r['device']}, {r['date']}")
     ref = [r for r in rows if r["op"] == "gd_step_ratio"]
     if ref:
         best = {}
@@ -231,7 +240,7 @@ def headline(rows: list[dict]) -> str:
                 items.append(f"- Training step vs the reference stack ({clock}, ours = `{r['mode']}`): "
                              f"**{fmt(num(r['median']))}x** (target <= 0.5x: {target_mark(num(r['median']) <= 0.5)}) "
                              f"on {r['device']}, {r['date']}")
-    for r in [x for x in rows if x["op"] == "train_step_ratio"][-2:]:
+    for r in [x for x in rows if x["op"] == "train_step_ratio"][-4:]:
         items.append(f"- Training step {r['provider']} (peers, {r['batch']}): **{fmt(num(r['median']))}x** "
                      f"(reported) on {r['device']}, {r['date']}")
     return "\n".join(items) + "\n" if items else "_no headline rows yet_\n"
@@ -294,7 +303,7 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     save(fig, "op.png")
 
     # serving: overhead % per (model, batch), one bar per mode, on the latest device
-    over = pick(rows, op="generate_overhead")
+    over = pick(rows, op="generate_overhead", unit="fraction")
     fig, ax = plt.subplots(figsize=(9, 4))
     if over:
         device = over[-1]["device"]

@@ -6,7 +6,7 @@ is a median over repeated runs after warm-up; every row names its device. `--qui
 with small sizes and few repeats (under 3 minutes on 2 CPU cores); the full suite runs the sizes of the
 issue that fit the device and says which it skipped.
 
-    python -m bench [--quick] [--out DIR] [--groups op serving training] [--reference | --no-reference]
+    python -m bench [--quick] [--out DIR] [--groups op serving training reference] [--reference | --no-reference]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from bench import common
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-GROUPS = ("op", "serving", "training")
+GROUPS = ("op", "serving", "training", "reference")
 REF_VENV = REPO / ".cache" / "ref_venv"
 QUICK_BUDGET_S = 170.0  # the whole --quick run, imports and report included, must stay under 3 minutes
 
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small sizes, few repeats, every group (under 3 minutes on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for results.csv, the plots and RESULTS.md (default: bench/results)")
-    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="which groups to run")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="which groups to run (reference: the training step vs the reference stack)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared 2-core machine two OpenMP threads "
@@ -121,16 +122,15 @@ class Suite:
         self.header("serving: generate, unpatched vs patched (last_prompt, all), alternated")
         dtype = torch.bfloat16 if self.cuda else torch.float32
         if self.quick:
-            plan = [("tiny", [1], 3), ("d512", [1], 3)]
-            new_tokens = 16
+            plan = [("tiny", [1], 3, 16), ("d512", [1], 3, 16)]
         elif self.cuda:
-            plan = [("tiny", [1, 8, 32], 5), ("d512", [1, 8, 32], 7), ("1b", [1, 8, 32], 5), ("8b", [1, 8, 32], 5)]
-            new_tokens = 64
+            plan = [("tiny", [1, 8, 32], 5, 64), ("d512", [1, 8, 32], 7, 64), ("1b", [1, 8, 32], 5, 64),
+                    ("8b", [1, 8, 32], 5, 64)]
         else:
-            plan = [("tiny", [1, 8, 32], 5), ("d512", [1], 9), ("d512", [8, 32], 5), ("1b", [1], 5)]
-            new_tokens = 64
-            self.skip("serving 1b at batch 8/32 and the 8B-shaped model", "too slow on CPU (GPU only)")
-        for model, batches, repeats in plan:
+            plan = [("tiny", [1, 8, 32], 5, 64), ("d512", [1], 9, 64), ("d512", [8, 32], 4, 64), ("1b", [1], 3, 16)]
+            self.skip("serving 1b at batch 8/32 (and at batch 1 only 16 new tokens, 3 alternations) and the "
+                      "8B-shaped model", "too slow on CPU (GPU only)")
+        for model, batches, repeats, new_tokens in plan:
             rows = bench_serving.run(model, batches, prompt_len=32, new_tokens=new_tokens, repeats=repeats,
                                      device=self.device, dtype=dtype, modes=["last_prompt", "all"])
             self.save(rows, "suite quick" if self.quick else "suite")
@@ -138,19 +138,19 @@ class Suite:
                 torch.cuda.empty_cache()
 
     def training(self) -> None:
-        from bench import bench_training_peers
-
         self.header("training: one GRUN step vs LoRA (peft) and full fine-tuning, interleaved")
         if self.cuda:
             self.skip("training peers on CUDA", "the peer benchmark times CPU steps; gpu_check.sh covers the GPU ops")
-        elif self.quick:
-            self.skip("peak memory of the training peers in --quick", "one fresh process per variant")
-            rows = bench_training_peers.measure(rounds=2, memory=False, threads=self.args.threads, batch=2, seq_len=48)
-            self.save(rows, "suite quick")
         else:
-            rows = bench_training_peers.measure(rounds=5, memory=True, threads=self.args.threads)
-            self.save(rows, "suite")
-        self.reference()
+            from bench import bench_training_peers
+
+            if self.quick:
+                self.skip("peak memory of the training peers in --quick", "one fresh process per variant")
+                rows = bench_training_peers.measure(rounds=2, memory=False, threads=self.args.threads, batch=2,
+                                                    seq_len=48)
+            else:
+                rows = bench_training_peers.measure(rounds=5, memory=True, threads=self.args.threads)
+            self.save(rows, "suite quick" if self.quick else "suite")
 
     def reference(self) -> None:
         """The reference stack's GD step (pyreft/pyvene in .cache/ref_venv) vs ours, by its own script."""
@@ -164,13 +164,16 @@ class Suite:
         if self.cuda:
             return self.skip("reference-stack training step on CUDA", "the reference comparison runs on CPU")
         cmd = [sys.executable, str(BENCH / "bench_training_vs_reference.py"), "--threads", str(self.args.threads or 0)]
-        if self.quick:
-            cmd += ["--rounds", "1", "--steps", "2", "--warmup", "1", "--modes", "answer_head"]
+        from bench.bench_training_vs_reference import MODES
+
+        if self.quick:  # the trainer's default route only
+            fast = next((m for m in ("prefix_kv", "answer_head") if m in MODES), list(MODES)[-1])
+            cmd += ["--rounds", "1", "--steps", "2", "--warmup", "1", "--modes", fast]
             timeout = QUICK_BUDGET_S - 10 - self.elapsed()
             if timeout < 45:
                 return self.skip("reference-stack training step", f"the --quick budget is spent ({self.elapsed():.0f} s)")
         else:
-            cmd += ["--rounds", "3", "--steps", "2", "--warmup", "1", "--modes", "two_forwards", "joint", "answer_head"]
+            cmd += ["--rounds", "3", "--steps", "2", "--warmup", "1", "--modes", *MODES]
             timeout = 1800
         since = common.now()
         print("$ " + " ".join(cmd[1:]), flush=True)

@@ -38,7 +38,8 @@ def _synthetic_rows() -> list[dict]:
                       date="2026-01-01T00:00:00Z")]
         # the later measurement of the same key: this one must be reported
         rows.append(dict(serve, op="generate_overhead", provider=mode, mode=mode, median=patched / base - 1,
-                         unit="fraction", date="2026-01-02T00:00:00Z"))
+                         p20=patched / base - 1.005, p80=patched / base - 0.995, unit="fraction",
+                         date="2026-01-02T00:00:00Z"))
     train = dict(mode="gd", d=512, r=4, dtype="fp32", device=DEV, config="llama-d512 L8 layers=[4, 6, 7]",
                  batch="2+2x48")
     for kind, s in (("grun", 0.4), ("lora", 0.8), ("full", 2.0)):
@@ -85,11 +86,11 @@ def test_report_builds_from_a_synthetic_csv(tmp_path):
     # ratios computed side by side, latest row per key, the device on every table row
     assert "| 3 |" in text                                       # naive / fastest = 3.0 / 1.0
     assert "**500x** (target >= 100x: met)" in text
-    assert "**+1.0 %** (target <= 3 %: met)" in text             # 2026-01-02 row, not the older 50 %
-    assert "**+20.0 %** (target <= 10 %: NOT met)" in text
+    assert "**+1.0 %** [p20 +0.5, p80 +1.5] (target <= 3 %: met)" in text             # 2026-01-02 row, not the older 50 %
+    assert "**+20.0 %** [p20 +19.5, p80 +20.5] (target <= 10 %: NOT met)" in text
     assert "50.00" not in text
     assert "**0.4x** (target <= 0.5x: met)" in text
-    assert "| 0.5 | 0.2 | 40 / 80 / 200 |" in text              # grun/lora, grun/full, peak MiB
+    assert "| 0.5 | 0.2 | - | - | 40 / - / 80 / 200 |" in text  # grun/lora, grun/full, (no grun_fast), peak MiB
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| device", "| ---"))]
     assert table_rows and all(DEV in line for line in table_rows)
 
