@@ -114,3 +114,29 @@ def test_softcapped_logits_are_reproduced():
     full = loss_and_grads(model, lambda: batch_answer_nll(model, ids, mask, labels, edit, answer_head=False)[0])
     head = loss_and_grads(model, lambda: batch_answer_nll(model, ids, mask, labels, edit)[0])
     assert_same(full, head)
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_nll_matches_cross_entropy(monkeypatch, cap, with_bias):
+    from grun_fast.unlearn import step
+
+    monkeypatch.setattr(step, "_VOCAB_CHUNK", 7)      # uneven chunks over a vocabulary of 40
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 6, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weight = torch.randn(40, 6, generator=g)
+    bias = torch.randn(40, generator=g) if with_bias else None
+    target = torch.randint(0, 40, (9,), generator=g)
+    target[0], target[1] = 0, 39                          # first and last vocabulary entries
+    w = torch.randn(9, generator=g)
+    nll = step._HeadNLL.apply(hidden, weight, bias, target, cap)
+    (nll * w).sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    ref = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    (ref * w.double()).sum().backward()
+    assert torch.allclose(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, hidden.grad, rtol=1e-4, atol=1e-6)

@@ -50,33 +50,73 @@ def supports_answer_head(model: nn.Module) -> bool:
         return False
 
 
-class _TokenNLL(torch.autograd.Function):
-    """Per-token NLL of fp32 logits [N, V]: ``logsumexp - logit[target]``; the backward writes
-    ``(softmax - onehot) * grad`` into one buffer (F.cross_entropy's path allocates and fills several
-    [N, V] tensors, a sizeable share of a small model's step with a 32k vocabulary)."""
+_VOCAB_CHUNK = 4096
+
+
+class _HeadNLL(torch.autograd.Function):
+    """Per-token NLL of ``target`` under logits = [softcap](hidden @ weight^T + bias), for a frozen head.
+
+    Works through the vocabulary in chunks (cache-sized temporaries): each chunk's fp32 logits are kept
+    for the backward, which turns them in place into ``(softmax - onehot) * grad`` and accumulates
+    ``grad_hidden += chunk @ weight_chunk``. Same math as head + F.cross_entropy, fewer passes over the
+    [N, V] logits (a large share of a small model's step with a 32k vocabulary)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, lse, target)
-        return lse - logits.gather(-1, target[:, None]).squeeze(-1)
+    def forward(ctx, hidden, weight, bias, target, cap):
+        n = hidden.shape[0]
+        chunks, lses = [], []
+        picked = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for lo in range(0, weight.shape[0], _VOCAB_CHUNK):
+            hi = min(lo + _VOCAB_CHUNK, weight.shape[0])
+            z = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+            if cap:
+                z = torch.tanh(z.div_(cap)).mul_(cap)
+            inside = (target >= lo) & (target < hi)
+            rows = inside.nonzero().squeeze(-1)
+            picked[rows] = z[rows, target[rows] - lo]
+            lses.append(torch.logsumexp(z, dim=-1))
+            chunks.append(z)
+        lse = torch.logsumexp(torch.stack(lses, -1), dim=-1)
+        ctx.chunks, ctx.cap, ctx.hidden_dtype = chunks, cap, hidden.dtype
+        ctx.save_for_backward(weight, lse, target)
+        return lse - picked
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, target = ctx.saved_tensors
-        p = torch.sub(logits, lse[:, None]).exp_()
-        p.scatter_add_(-1, target[:, None], torch.full_like(lse[:, None], -1.0))
-        return p.mul_(grad[:, None]), None
+    def backward(ctx, grad):
+        weight, lse, target = ctx.saved_tensors
+        chunks, cap = ctx.chunks, ctx.cap
+        ctx.chunks = None
+        grad_hidden = torch.zeros(lse.shape[0], weight.shape[1], dtype=torch.float32, device=lse.device)
+        lo = 0
+        for z in chunks:
+            hi = lo + z.shape[1]
+            factor = 1.0 - (z / cap).square_() if cap else None     # d softcap / d raw logit
+            p = z.sub_(lse[:, None]).exp_()
+            inside = (target >= lo) & (target < hi)
+            rows = inside.nonzero().squeeze(-1)
+            p[rows, target[rows] - lo] -= 1.0
+            p.mul_(grad[:, None])
+            if factor is not None:
+                p.mul_(factor)
+            grad_hidden.addmm_(p, weight[lo:hi].float())
+            lo = hi
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
 
 
 def _head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL of ``target`` (-100: unscored) predicted from ``hidden`` [B, T, d] (same T)."""
     answer = target != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[answer]).float()                 # [N, V]
+    head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    nll = _TokenNLL.apply(logits, target[answer])
+    bias = getattr(head, "bias", None)
+    x = hidden[answer]
+    if isinstance(head, nn.Linear) and not head.weight.requires_grad and (bias is None or not bias.requires_grad):
+        nll = _HeadNLL.apply(x, head.weight, bias, target[answer], float(cap) if cap else None)
+    else:                                       # a trainable or unusual head: plain autograd
+        logits = head(x).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        nll = F.cross_entropy(logits, target[answer], reduction="none")
     rows = torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(answer, nll)
     return rows.sum(-1)
 
