@@ -37,7 +37,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["grun-fast=grun_fast.cli:main"]},
 )
