@@ -234,7 +234,7 @@ def headline(rows: list[dict]) -> str:
         for r in ref:
             best.setdefault(r["unit"], []).append(r)
         for unit, rs in best.items():
-            date = rs[-1]["date"]
+            date = max(r["date"] for r in rs)  # the latest run of the training benchmark
             for r in [x for x in rs if x["date"] == date]:
                 clock = "process CPU time" if unit == "ratio_cpu" else "wall clock"
                 items.append(f"- Training step vs the reference stack ({clock}, ours = `{r['mode']}`): "
@@ -348,6 +348,8 @@ def build(out: str | Path | None = None) -> str:
     """Write the PNGs and RESULTS.md next to results.csv; return the Markdown."""
     out = common.results_dir(out)
     path = common.results_path(out)
+    if out.resolve() == common.RESULTS.resolve():  # bench_training_vs_reference.py keeps its own CSV: fold it in
+        common.fold_training_csv(out)
     rows = common.read_rows(path)
     if not rows:
         raise SystemExit(f"no results in {path}: run `grun-fast bench` first")
