@@ -7,7 +7,7 @@ time one GD step on the same token rows (batch 8 forget + 8 retain of 96 tokens)
 
 - ours (this process, project venv): grun_fast's GRUNTrainer, timing its own step code
   (training_step -> compute_loss, backward; then clip and AdamW as its loop does) in the variants of
-  MODES, each switching on one more of the trainer's shortcuts: `plain` (caches and shortcuts off; one
+  MODES, each switching on one more of the trainer's shortcuts: `baseline` (caches and shortcuts off; one
   forward of 16 rows), `cached` (+ reuse of the frozen lower layers), `answer_head` (+ LM head only at
   answer tokens), `prefix_kv` (+ cached prompt-prefix keys/values: the trainer's default). All start
   from the same weights and rows; their first losses are checked equal.
@@ -61,7 +61,7 @@ def _llama(cfg: dict) -> torch.nn.Module:
 
 
 MODES = {
-    "plain": "the trainer's step with its caches and shortcuts off: one forward of 16 rows, LM head at every token",
+    "baseline": "the trainer's step with its caches and shortcuts off: one forward of 16 rows, LM head at every token",
     "cached": "+ the frozen layers below the lowest edited one reused per example (LowerLayerCache; steady "
               "state, epoch >= 2)",
     "answer_head": "+ the LM head applied only where an answer token is predicted",
@@ -104,13 +104,13 @@ class Ours:
         self.trainer.create_optimizer()
         self.trainer.current_gradient_accumulation_steps = 1   # set by the training loop otherwise
         self.opt = self.trainer.optimizer
-        if mode == "plain":
+        if mode == "baseline":
             self.trainer.lower_cache = None
-        if mode in ("plain", "cached"):
+        if mode in ("baseline", "cached"):
             self.trainer.answer_head = False
         if mode != "prefix_kv":
             self.trainer.prefix_cache = None
-        forget, retain = make_batches(cfg)
+        self.forget, self.retain = forget, retain = make_batches(cfg)
         self.inputs = {}
         for side, batch in (("forget", forget), ("retain", retain)):
             for key in ("input_ids", "attention_mask", "labels"):
