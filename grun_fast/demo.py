@@ -38,20 +38,20 @@ THRESHOLDS = {
 class Plan:
     """Sizes of one demo run; `quick` is the CI smoke-test size."""
 
-    authors: int = 10
-    questions_per_author: int = 10
+    authors: int = 6
+    questions_per_author: int = 20
     tofu_retain_rows: int = 80
     tofu_knowledge_rows: int = 20
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 6
     base_epochs: int = 60
-    unlearn_steps: int = 120
+    unlearn_steps: int = 150
     max_new_tokens: int = 48
     seed: int = 0
 
 
-QUICK = Plan(authors=6, questions_per_author=10, tofu_retain_rows=40, tofu_knowledge_rows=10, base_epochs=60,
-             unlearn_steps=100, max_new_tokens=40)
+QUICK = Plan(authors=4, questions_per_author=20, tofu_retain_rows=40, tofu_knowledge_rows=10, base_epochs=60,
+             unlearn_steps=150, max_new_tokens=40)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
