@@ -12,6 +12,13 @@ Appends rows to bench/results/results.csv.
 """
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_REPO = str(_Path(__file__).resolve().parents[1])
+if _REPO not in _sys.path:  # `python bench/<script>.py` works too, not only `python -m bench.<script>`
+    _sys.path.insert(0, _REPO)
+
 import argparse
 import os
 import time
