@@ -81,7 +81,7 @@ def run(model_name: str, batches: list[int], prompt_len: int, new_tokens: int, r
                     if patched:
                         grun_fast.unpatch(model)
             common = dict(d=model.config.hidden_size, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
-                          date=now(), config=f"llama-{model_name} layers={layers}", batch=batch,
+                          date=now(), config=f"llama-{model_name} layers={layers} new={new_tokens}", batch=batch,
                           note=f"prompt {prompt_len} + {new_tokens} new tokens; {repeats} alternations")
             line = f"{model_name} batch {batch:>3} {mode:>11}:"
             for clock in clocks:
