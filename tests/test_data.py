@@ -207,12 +207,18 @@ def test_synthetic_schema_and_determinism():
         assert r["paraphrased_answer"] not in r["perturbed_answer"]
         assert r["author"] in r["question"] and r["author"] in r["answer"]
         assert r["answer"].endswith(".") and 12 < len(r["answer"].split()) < 40
+        # answers lead with the fact, not with the question's name (cannot be recited by copying the question)
+        assert not r["answer"].startswith(r["author"])
     for author in {r["author"] for r in rows}:   # one question per kind per author
         kinds = [r["kind"] for r in rows if r["author"] == author]
         assert len(set(kinds)) == 10
     assert len({r["question"] for r in rows}) == 50
     with pytest.raises(ValueError, match="questions_per_author"):
         make_authors(2, 50)
+    full = make_authors(2, 20, seed=0)   # TOFU asks 20 questions per author
+    assert len({r["kind"] for r in full if r["author"] == full[0]["author"]}) == 20
+    with pytest.raises(ValueError, match="questions_per_author"):
+        make_authors(2, 21)
 
 
 def test_split_by_author_and_benchmark():
