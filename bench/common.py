@@ -205,13 +205,22 @@ def map_training_row(row: dict) -> dict:
 
 
 def fold_training_csv(directory: str | Path | None = None, source: str | Path = TRAINING_CSV,
-                      since: str = "") -> int:
-    """Append the rows of training.csv (dated `since` or later) not yet in the results CSV; returns how many."""
+                      since: str = "", min_n: int = 0) -> int:
+    """Append the rows of training.csv (dated `since` or later, of at least `min_n` samples) not yet in the
+    results CSV; returns how many."""
     source = Path(source)
     if not source.exists():
         return 0
+
+    def samples(row: dict) -> int:
+        try:
+            return int(row.get("n") or 0)
+        except ValueError:
+            return 0
+
     with source.open(newline="") as handle:
-        mapped = [map_training_row(r) for r in csv.DictReader(handle) if r.get("date", "") >= since]
+        mapped = [map_training_row(r) for r in csv.DictReader(handle)
+                  if r.get("date", "") >= since and samples(r) >= min_n]
     key = ("op", "provider", "mode", "unit", "device", "date", "median")
     have = {tuple(r[k] for k in key) for r in read_rows(results_path(directory))}
     fresh = [r for r in (normalise(m) for m in mapped) if tuple(r[k] for k in key) not in have]

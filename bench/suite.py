@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,6 +177,8 @@ class Suite:
         else:
             cmd += ["--rounds", "3", "--steps", "2", "--warmup", "1", "--modes", *MODES]
             timeout = 1800
+        if self.quick:  # a smoke run: keep it out of bench/results/training.csv; its ratios are parsed below
+            cmd.append("--no-csv")
         since = common.now()
         print("$ " + " ".join(cmd[1:]), flush=True)
         try:
@@ -187,6 +190,11 @@ class Suite:
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
             return self.skip("reference-stack training step", f"its script failed (exit {done.returncode})")
+        if self.quick:
+            rows = parse_reference_ratios(done.stdout)
+            if not rows:
+                return self.skip("reference-stack training step", "no ratio lines in its output")
+            return self.save(rows, "suite quick; parsed from bench_training_vs_reference.py --no-csv")
         folded = common.fold_training_csv(self.out, since=since)
         self.rows += folded
         print(f"folded {folded} rows of bench/results/training.csv into {common.results_path(self.out)}")
@@ -223,6 +231,30 @@ class Suite:
             print()
             print(table)
         return 1 if failed else 0
+
+
+RATIO_LINE = re.compile(r"^\[(wall|cpu)\] GD step ratio ours\((\w+)\) / reference = ([0-9.eE+-]+)")
+
+
+def parse_reference_ratios(stdout: str) -> list[dict]:
+    """Rows for the `[wall|cpu] GD step ratio ours(MODE) / reference = X` lines of the training benchmark."""
+    sys.path.insert(0, str(BENCH / "reference_stack"))
+    from workload import load_config
+
+    cfg = load_config()
+    m = cfg["model"]
+    config = (f"llama d={m['hidden_size']} L={m['num_hidden_layers']} heads={m['num_attention_heads']} "
+              f"ffn={m['intermediate_size']} vocab={m['vocab_size']} fp32 layers={cfg['layers']}")
+    rows = []
+    for line in stdout.splitlines():
+        hit = RATIO_LINE.match(line.strip())
+        if hit:
+            clock, mode, value = hit.groups()
+            rows.append(dict(op="gd_step_ratio", provider="grun_fast/pyreft", mode=mode, r=cfg["rank"], dtype="fp32",
+                             median=float(value), unit="ratio" if clock == "wall" else "ratio_cpu",
+                             device=common.device_name(), date=common.now(), config=config,
+                             batch=f"{cfg['batch']}+{cfg['batch']}x{cfg['seq_len']}"))
+    return rows
 
 
 def run(args: Namespace) -> int:
