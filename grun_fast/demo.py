@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     adapter_dir = out / "adapter"
     result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
-                     max_steps=plan.unlearn_steps, seed=plan.seed, progress=True)
+                     max_steps=plan.unlearn_steps, gate="mlp", seed=plan.seed, progress=True)
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
 
     _say("[4/4] TOFU evaluation of base, retain model and base + GRUN")
