@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller run (CI smoke test)")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when the table misses a promised threshold")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: tiny models gain nothing from more, and lose a lot on a busy machine)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache or os.environ.get("GRUN_FAST_CACHE") or Path.home() / ".cache" / "grun_fast")
     for folder in (out, cache):
         _check_writable(folder)
+    if args.threads < 1:
+        raise GRUNError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(plan.seed)
     started = time.perf_counter()
 
