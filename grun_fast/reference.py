@@ -26,11 +26,8 @@ def gated_loreft(
     gate_threshold: rows whose gate is below it come back bit-identical.
     The gate is reported for every row.
     """
-    dtype = h.dtype
-    R, W, b = rotation.to(dtype), weight.to(dtype), bias.to(dtype)
-    gate = torch.sigmoid(h @ gate_weight.to(dtype) + gate_bias.to(dtype).reshape(()))
-    edit = (h @ W.T + b - h @ R.T) @ R
-    return apply_row_selection(h, h + gate.unsqueeze(-1) * edit, gate, rows, gate_threshold), gate
+    logit = h @ gate_weight.to(h.dtype) + gate_bias.to(h.dtype).reshape(())
+    return gated_loreft_logit(h, rotation, weight, bias, logit, rows, gate_threshold)
 
 
 def gated_loreft_logit(

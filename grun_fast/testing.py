@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from grun_fast.data.encoding import encode_rows, pad_examples, pad_token_id_of
-from grun_fast.data.prompts import PLAIN_TEMPLATE, prompt_ids, row_prompt
+from grun_fast.data.prompts import PLAIN_TEMPLATE, row_prompt
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -121,34 +121,4 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
     return model, tokenizer
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 48, batch_size: int = 32,
-                     template: str = "plain", question_key: str = "question") -> list[str]:
-    """Greedy answers to ``rows`` (left-padded batches; prompts built by ``grun_fast.data.prompts``)."""
-    pad = pad_token_id_of(tokenizer)
-    outs: list[str] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        ids = [prompt_ids(tokenizer, r, template, question_key) for r in chunk]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for k, x in enumerate(ids):
-            input_ids[k, width - len(x):] = torch.tensor(x)
-            mask[k, width - len(x):] = 1
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        outs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return outs
-
-
-def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall of each prediction against its reference (rouge-score, stemmed)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
-
-
-__all__ = ["make_tiny_tokenizer", "tiny_llama", "untrained_tiny", "train_tiny_base", "generate_answers", "rouge_l_recall",
-           "row_prompt"]
+__all__ = ["make_tiny_tokenizer", "tiny_llama", "untrained_tiny", "train_tiny_base", "row_prompt"]

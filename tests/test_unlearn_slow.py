@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 import grun_fast
 from grun_fast.data import load_tofu, make_authors, make_benchmark, split_by_author, tokenize_rows
-from grun_fast.testing import generate_answers, rouge_l_recall, train_tiny_base, untrained_tiny
+from grun_fast.evaluation.metrics import rouge_l_recall
+from grun_fast.evaluation.scoring import generate
+from grun_fast.testing import train_tiny_base, untrained_tiny
 from grun_fast.unlearn import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def rouge(model, tok, rows):
-    answers = generate_answers(model, tok, rows, max_new_tokens=64)
-    return float(np.mean(rouge_l_recall(answers, [r["answer"] for r in rows])))
+    answers = generate(model, tok, rows, max_new_tokens=64, batch_size=32)
+    return float(np.mean([rouge_l_recall(a, r["answer"]) for a, r in zip(answers, rows)]))
 
 
 @torch.no_grad()
