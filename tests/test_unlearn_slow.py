@@ -109,3 +109,19 @@ def test_two_cpu_processes_give_the_one_process_adapter(tmp_path):
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3          # training moved the adapter
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def synthetic_base():
+    # ~100 of the project's synthetic QA rows (one forgotten author of 20 questions, four retained), memorised
+    # by a 6-layer tiny Llama: the demo's setting.
+    bench = make_benchmark(5, 20, forget_authors=1, seed=0)
+    forget, retain = bench["forget"], bench["retain"]
+    model, tok = train_tiny_base(forget + retain, num_layers=6, seed=0)
+    return forget, retain, model, tok
+
+
+@pytest.mark.parametrize("method, extra", [("gd", {}), ("npo", {"forget_scale": 10.0})])
+def test_grun_forgets_synthetic_rows_on_a_memorising_model(synthetic_base, method, extra):
+    forget, retain, model, tok = synthetic_base
+    check_forgets(copy.deepcopy(model), tok, forget, retain, method, gate="mlp", max_steps=150, **extra)
