@@ -28,7 +28,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ REF_DIR = HERE / "reference_stack"
 REF_VENV = REPO / ".cache" / "ref_venv"
 RESULTS = HERE / "results" / "training.csv"
 sys.path.insert(0, str(REF_DIR))
+sys.path.insert(0, str(REPO))  # run as a file too: `bench` is the repository's folder, not installed
+from bench.common import device_name, quantiles  # noqa: E402
 from workload import load_config, make_batches  # noqa: E402
 
 CSV_FIELDS = ["op", "provider", "mode", "x", "median", "p20", "p80", "unit", "n", "device", "date",
@@ -205,28 +206,9 @@ class RefWorker:
 
 
 # ----------------------------------------------------------------------------- report
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "p20": quantile(xs, 0.2), "p80": quantile(xs, 0.8), "n": len(xs)}
-
-
-def device_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+    median, p20, p80 = quantiles(xs)
+    return {"median": median, "p20": p20, "p80": p80, "n": len(xs)}
 
 
 def append_rows(rows: list[dict]) -> None:
@@ -344,7 +326,7 @@ def main(argv=None) -> int:
     if not args.no_csv:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         m = cfg["model"]
-        common = {"x": cfg["batch"] * 2 * cfg["seq_len"], "device": device_name(), "date": now,
+        common = {"x": cfg["batch"] * 2 * cfg["seq_len"], "device": device_name("cpu"), "date": now,
                   "model": f"llama d={m['hidden_size']} L={m['num_hidden_layers']} "
                            f"heads={m['num_attention_heads']} ffn={m['intermediate_size']} "
                            f"vocab={m['vocab_size']} fp32",
@@ -370,8 +352,8 @@ def main(argv=None) -> int:
             for mode in ours:
                 rr = per_round[c][mode]
                 rows.append({"op": "gd_step_ratio", "provider": "grun_fast/pyreft", "mode": mode,
-                             "median": f"{ratios[c][mode]:.4g}", "p20": f"{quantile(rr, 0.2):.4g}",
-                             "p80": f"{quantile(rr, 0.8):.4g}", "unit": ratio_unit, "n": len(rr),
+                             "median": f"{ratios[c][mode]:.4g}", "p20": f"{quantiles(rr)[1]:.4g}",
+                             "p80": f"{quantiles(rr)[2]:.4g}", "unit": ratio_unit, "n": len(rr),
                              "versions": f"{ours_v} | {ref_v}", **common})
             rows.append({"op": "calibration", "provider": "pyreft", "mode": "step/plain_2fwd",
                          "median": f"{cal_ref[c]:.4g}", "p20": "", "p80": "", "unit": ratio_unit,
