@@ -85,40 +85,43 @@ def _compile(fn, args: tuple, consts: dict, warps: int, arch: int, prec: str) ->
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def compile_forward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
-                    gate_logit: bool = False, masked: bool = False, threshold: bool = False,
-                    inplace: bool = False) -> Compiled:
+def _meta_inputs(rows: int, d: int, r: int, dtype: torch.dtype, gate_logit: bool, masked: bool):
+    """Shape-only stand-ins (meta tensors) for h, [A; w_g], R, [b; c], the gate logit and the row mask."""
     meta = dict(device="meta")
     h = torch.empty(rows, d, dtype=dtype, **meta)
     n_ag = r + (0 if gate_logit else 1)
     ag, rot, bias = (torch.empty(n_ag, d, **meta), torch.empty(r, d, **meta), torch.empty(n_ag, **meta))
-    logit = torch.empty(rows, **meta) if gate_logit else None
+    logit = torch.empty(rows, device="meta") if gate_logit else None
     mask = torch.empty(rows, dtype=torch.int8, **meta) if masked else None
-    out, gate = torch.empty_like(h), torch.empty(rows, **meta)
-    _, args, consts, warps = K._fwd_launch(h, ag, rot, bias, logit, mask, 0.5 if threshold else None, out, gate,
-                                          inplace)
+    return h, ag, rot, bias, logit, mask
+
+
+def _compiled(name: str, kernel, args, consts, warps: int, arch: int, dtype: torch.dtype) -> Compiled:
     prec = "tf32x3" if dtype == torch.float32 else "tf32"
     config = {k: consts[k] for k in ("BLOCK_M", "BLOCK_D", "RP")} | {"warps": warps, "prec": prec}
-    return Compiled("fwd", config, _compile(K._fwd_kernel, args, consts, warps, arch, prec))
+    return Compiled(name, config, _compile(kernel, args, consts, warps, arch, prec))
+
+
+def compile_forward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
+                    gate_logit: bool = False, masked: bool = False, threshold: bool = False,
+                    inplace: bool = False) -> Compiled:
+    h, ag, rot, bias, logit, mask = _meta_inputs(rows, d, r, dtype, gate_logit, masked)
+    out, gate = torch.empty_like(h), torch.empty(rows, device="meta")
+    _, args, consts, warps = K._fwd_launch(h, ag, rot, bias, logit, mask, 0.5 if threshold else None, out, gate,
+                                          inplace)
+    return _compiled("fwd", K._fwd_kernel, args, consts, warps, arch, dtype)
 
 
 def compile_backward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
                      gate_logit: bool = False, masked: bool = False, threshold: bool = False,
                      deterministic: bool = False) -> Compiled:
-    meta = dict(device="meta")
-    h = torch.empty(rows, d, dtype=dtype, **meta)
-    n_ag = r + (0 if gate_logit else 1)
-    ag, rot, bias = (torch.empty(n_ag, d, **meta), torch.empty(r, d, **meta), torch.empty(n_ag, **meta))
-    logit = torch.empty(rows, **meta) if gate_logit else None
-    mask = torch.empty(rows, dtype=torch.int8, **meta) if masked else None
-    dgate = torch.empty(rows, **meta)
+    h, ag, rot, bias, logit, mask = _meta_inputs(rows, d, r, dtype, gate_logit, masked)
+    dgate = torch.empty(rows, device="meta")
     dh = torch.empty_like(h)
-    dlogit = torch.empty(rows, **meta) if gate_logit else None
+    dlogit = torch.empty(rows, device="meta") if gate_logit else None
     _, args, consts, warps, _, _ = K._bwd_launch(h, torch.empty_like(h), dgate, ag, rot, bias, logit, mask,
                                                  0.5 if threshold else None, deterministic, dh, dlogit)
-    prec = "tf32x3" if dtype == torch.float32 else "tf32"
-    config = {k: consts[k] for k in ("BLOCK_M", "BLOCK_D", "RP")} | {"warps": warps, "prec": prec}
-    return Compiled("bwd", config, _compile(K._bwd_kernel, args, consts, warps, arch, prec))
+    return _compiled("bwd", K._bwd_kernel, args, consts, warps, arch, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,26 +327,24 @@ def _fwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, 
     (16 x 4096 x 2 B = 128 KiB per program). fp32 inputs (3xTF32 splits every operand) get half the tile.
     Starting points, checked for spills with `python -m grun_fast.kernels.aot`, to be tuned on a GPU with
     `bench_kernels.py --sweep`."""
-    small = n <= 64
-    tiny = n <= 16 and dtype != torch.float32  # 3xTF32 needs more than 128 registers a thread
-    warps = CONFIG_OVERRIDES.get("fwd_warps", 16 if tiny else 8 if small or rp >= 64 else 4)
-    per_thread = 16 if dtype != torch.float32 else 8
-    block_m = CONFIG_OVERRIDES.get("fwd_block_m", 16)
-    widest = 512 if tiny else 256 if small else 128
-    block_d = CONFIG_OVERRIDES.get("fwd_block_d", _tile_d(d, rp, widest, warps, per_thread))
-    return block_m, block_d, warps
+    return _launch_config("fwd", n, d, rp, dtype, shrink=1)
 
 
 def _bwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of the backward: two weight tiles per pass and two [RP, BLOCK_D] fp32
     gradient partials, so half the forward's d tile."""
+    return _launch_config("bwd", n, d, rp, dtype, shrink=2)
+
+
+def _launch_config(kind: str, n: int, d: int, rp: int, dtype: torch.dtype, shrink: int) -> tuple[int, int, int]:
+    """The rule both passes share; `shrink` divides the d tile and the register budget (backward: 2)."""
     small = n <= 64
     tiny = n <= 16 and dtype != torch.float32  # 3xTF32 needs more than 128 registers a thread
-    warps = CONFIG_OVERRIDES.get("bwd_warps", 16 if tiny else 8 if small or rp >= 64 else 4)
-    per_thread = 8 if dtype != torch.float32 else 4
-    block_m = CONFIG_OVERRIDES.get("bwd_block_m", 16)
-    widest = 256 if tiny else 128 if small else 64
-    block_d = CONFIG_OVERRIDES.get("bwd_block_d", _tile_d(d, rp, widest, warps, per_thread))
+    warps = CONFIG_OVERRIDES.get(f"{kind}_warps", 16 if tiny else 8 if small or rp >= 64 else 4)
+    per_thread = (16 if dtype != torch.float32 else 8) // shrink
+    block_m = CONFIG_OVERRIDES.get(f"{kind}_block_m", 16)
+    widest = (512 if tiny else 256 if small else 128) // shrink
+    block_d = CONFIG_OVERRIDES.get(f"{kind}_block_d", _tile_d(d, rp, widest, warps, per_thread))
     return block_m, block_d, warps
 
 
