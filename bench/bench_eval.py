@@ -1,14 +1,19 @@
-"""Evaluation scoring: batched (length-sorted, right-padded) vs one row at a time, side by side.
+"""Evaluation of a 400-question split: batched vs one row at a time, side by side.
 
-Scores every teacher-forced sequence the TOFU protocol needs for a 400-question forget split (answer,
-paraphrased answer, 5 perturbed answers, answer after the paraphrased question: 3,200 sequences) on a tiny
-Llama with a GRUN adapter, with `grun_fast.evaluation.scoring.answer_nll` at batch size B and at batch size 1,
-interleaved, median of several runs. Also reports the share of the batched time spent inside the model's
-forward (the rest is tokenisation, padding and bookkeeping) and checks both give the same numbers.
+Runs `grun_fast.evaluation.evaluate` on a TOFU forget split (forget10: 400 questions, i.e. 3,200 teacher-forced
+sequences -- answer, paraphrased answer, 5 perturbed answers, answer after the paraphrased question -- and 800
+greedy generations for ROUGE-L) with batch size B and with batch size 1, interleaved, median of several rounds.
+The model is GRUN.md section 8's tiny one (Llama d128, 4 layers, 4 heads, a 1,500-token BPE) with a GRUN adapter
+at layers 2 and 3, first trained for a few epochs on the split so that its generations end with EOS at
+realistic lengths (a random model would run every generation to the token limit, which favours batching).
+
+Reports the whole evaluation and its two parts (scoring: `answer_nll`; generation: `generate` + ROUGE inputs),
+and the share of the batched run spent in model compute (backbone, LM head and the answer-head NLL); checks
+that both batch sizes give the same generations and the same scores.
 
     python -m bench.bench_eval                       # TOFU forget10 ($GRUN_TOFU_DIR or ../shared/data/tofu)
-    python -m bench.bench_eval --repeats 5 --batch-size 32 --threads 0
-Appends rows to bench/results/results.csv.
+    python -m bench.bench_eval --repeats 5 --batch-size 32 --threads 1
+Appends rows to bench/results/results.csv (op eval_split; modes evaluate, scoring, generation).
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ if _REPO not in _sys.path:  # `python bench/<script>.py` works too, not only `py
     _sys.path.insert(0, _REPO)
 
 import argparse
+import contextlib
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,49 +36,58 @@ import torch
 
 import grun_fast
 from bench.common import append_rows, device_name, load_average, now, quantiles, time_interleaved
-from grun_fast.evaluation.scoring import answer_nll, gate_modules
-from grun_fast.testing import make_tiny_tokenizer, tiny_llama
+from grun_fast.architectures import locate
+from grun_fast.evaluation import scoring, tofu
+from grun_fast.evaluation.tofu import evaluate
+from grun_fast.testing import train_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
+_CLASS_ATTR = object()
+PARTS = {"scoring": (tofu, "answer_nll"), "generation": (tofu, "generate")}
 
 
 def load_rows(split: str) -> tuple[list[dict], str]:
-    tofu = Path(os.environ.get("GRUN_TOFU_DIR", REPO.parent / "shared" / "data" / "tofu"))
-    if (tofu / f"{split}_perturbed.json").is_file():
+    tofu_dir = Path(os.environ.get("GRUN_TOFU_DIR", REPO.parent / "shared" / "data" / "tofu"))
+    if (tofu_dir / f"{split}_perturbed.json").is_file():
         from grun_fast.evaluation.splits import tofu_eval_splits
 
-        return tofu_eval_splits(tofu, split, utility=False)[split], f"tofu:{split}"
+        return tofu_eval_splits(tofu_dir, split, utility=False)[split], f"tofu:{split}"
     from grun_fast.data.synthetic import make_authors
 
     return make_authors(40, 10), "synthetic:40x10"
 
 
-def scoring_jobs(rows: list[dict]) -> list[dict]:
-    """The (question, answer) pairs `evaluate` scores on a forget split."""
-    jobs = [{"question": r["question"], "answer": r["answer"]} for r in rows]
-    jobs += [{"question": r["question"], "answer": r["paraphrased_answer"]} for r in rows]
-    jobs += [{"question": r["question"], "answer": a} for r in rows for a in r["perturbed_answer"]]
-    jobs += [{"question": r["paraphrased_question"], "answer": r["answer"]} for r in rows]
-    return jobs
+class Stopwatch:
+    """Adds up the seconds spent inside chosen callables (``(owner, attribute)`` pairs, one bucket each)."""
 
+    def __init__(self, targets: dict[str, list[tuple[object, str]]]):
+        self.targets = targets
+        self.seconds: dict[str, float] = defaultdict(float)
 
-class ForwardTimer:
-    """Wraps model.forward to add up the seconds spent inside it."""
+    @contextlib.contextmanager
+    def running(self):
+        saved = []
+        try:
+            for bucket, pairs in self.targets.items():
+                for owner, attr in pairs:
+                    saved.append((owner, attr, vars(owner).get(attr, _CLASS_ATTR)))
+                    setattr(owner, attr, self._timed(bucket, getattr(owner, attr)))
+            yield self
+        finally:
+            for owner, attr, own in reversed(saved):
+                if own is _CLASS_ATTR:
+                    delattr(owner, attr)      # an instance's forward: the class's method shows through again
+                else:
+                    setattr(owner, attr, own)
 
-    def __init__(self, model):
-        self.model, self.seconds, self._forward = model, 0.0, model.forward
-
+    def _timed(self, bucket: str, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return self._forward(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-
-        model.forward = timed
-
-    def close(self):
-        self.model.forward = self._forward
+                self.seconds[bucket] += time.perf_counter() - start
+        return timed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,60 +97,77 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared CPU, multi-threaded timings of small ops "
-                             "measure OpenMP contention more than the code; 0 keeps torch's default)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="base-model training epochs on the split (0: random weights; every generation then "
+                             "runs to --max-new-tokens)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, every core)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     rows, source = load_rows(args.split)
-    jobs = scoring_jobs(rows)
-    texts = [f"Question: {j['question']}\nAnswer: {j['answer']}" for j in jobs]
-    tokenizer = make_tiny_tokenizer(texts, vocab_size=1500)
-    model = tiny_llama(tokenizer, hidden_size=args.hidden, num_layers=args.layers).eval()
+    model, tokenizer = train_tiny_base(rows, hidden_size=args.hidden, num_layers=args.layers, epochs=args.epochs,
+                                       stop_loss=0.0, progress=True, desc="tiny base on the split")
     adapter_layers = [args.layers // 2, args.layers - 1]
     grun_fast.patch(model, grun_fast.GRUNConfig(layers=adapter_layers))
-    gates = gate_modules(model)
+    backbone = locate(model)[0]
+    model_parts = [(backbone, "forward"), (model.get_output_embeddings(), "forward"), (scoring, "head_nll")]
 
-    results = {}
+    results: dict[str, dict] = {}
+    parts: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in ("batched", "one_by_one")}
 
-    def batched():
-        results["batched"] = answer_nll(model, tokenizer, jobs, batch_size=args.batch_size, gates=gates)
+    def run(name: str, batch_size: int):
+        watch = Stopwatch({**{k: [v] for k, v in PARTS.items()}, "model": model_parts})
+        start = time.perf_counter()
+        with watch.running():
+            results[name] = evaluate(model, tokenizer, {args.split: rows}, batch_size=batch_size,
+                                     max_new_tokens=args.max_new_tokens, progress=False)
+        total = time.perf_counter() - start
+        for bucket, seconds in watch.seconds.items():
+            parts[name][bucket].append(seconds)
+        parts[name]["model_share"].append(watch.seconds["model"] / total)
 
-    def one_by_one():
-        results["one_by_one"] = answer_nll(model, tokenizer, jobs, batch_size=1, gates=gates)
+    for batch_size in (args.batch_size, 1):   # warm-up: first-call costs (allocator, tokenizer, kernels) off the clock
+        evaluate(model, tokenizer, {args.split: rows[:8]}, batch_size=batch_size,
+                 max_new_tokens=args.max_new_tokens, progress=False)
+    samples = time_interleaved({"batched": lambda: run("batched", args.batch_size),
+                                "one_by_one": lambda: run("one_by_one", 1)}, args.repeats, warmup=0)
+    a, b = (results[k]["splits"][args.split]["rows"] for k in ("batched", "one_by_one"))
+    assert [r["generation"] for r in a] == [r["generation"] for r in b], "batched generations differ"
+    for key in ("nll", "paraphrased_nll", "truth_ratio"):
+        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-4, err_msg=key)
+    new_tokens = [len(tokenizer(r["generation"], add_special_tokens=False)["input_ids"]) for r in a]
 
-    samples = time_interleaved({"batched": batched, "one_by_one": one_by_one}, args.repeats, warmup=1)
-    np.testing.assert_allclose(results["batched"][0], results["one_by_one"][0], rtol=1e-4)
-    for layer, values in results["batched"][1]["default"].items():
-        np.testing.assert_allclose(values, results["one_by_one"][1]["default"][layer], rtol=1e-4, atol=1e-6)
-
-    timer = ForwardTimer(model)  # one extra batched run, instrumented, for the share of time in the model
-    start = time.perf_counter()
-    batched()
-    total = time.perf_counter() - start
-    timer.close()
-    share = timer.seconds / total
-
-    b, o = quantiles(samples["batched"]), quantiles(samples["one_by_one"])
-    ratio = o[0] / b[0]
     device = device_name("cpu")
-    config = (f"{source} {len(rows)} questions {len(jobs)} sequences; llama d{args.hidden} L{args.layers} "
-              f"vocab {len(tokenizer)}; grun layers {adapter_layers}; repeats {args.repeats}")
-    base = dict(op="eval_scoring", mode=args.split, rows=len(jobs), d=args.hidden, dtype="fp32", device=device,
-                date=now(), config=config, load=load_average())
-    csv_rows = [
-        dict(base, provider="batched", median=b[0], p20=b[1], p80=b[2], unit="s", batch=args.batch_size),
-        dict(base, provider="one_by_one", median=o[0], p20=o[1], p80=o[2], unit="s", batch=1),
-        dict(base, provider="speedup", median=ratio, unit="x", batch=args.batch_size),
-        dict(base, provider="batched_model_share", median=share, unit="fraction", batch=args.batch_size),
-    ]
+    n_seq = len(rows) * (3 + len(rows[0]["perturbed_answer"]))
+    config = (f"{source} {len(rows)} questions ({n_seq} scored sequences, {2 * len(rows)} generations of <= "
+              f"{args.max_new_tokens} tokens, mean {np.mean(new_tokens):.0f}); llama d{args.hidden} L{args.layers} "
+              f"vocab {len(tokenizer)} trained {args.epochs} epochs; grun layers {adapter_layers}; "
+              f"repeats {args.repeats}")
+    base = dict(op="eval_split", rows=len(rows), d=args.hidden, dtype="fp32", device=device, date=now(),
+                config=config, load=load_average())
+    csv_rows, lines = [], []
+    for mode in ("evaluate", "scoring", "generation"):
+        if mode == "evaluate":
+            bq, oq = quantiles(samples["batched"]), quantiles(samples["one_by_one"])
+        else:
+            bq, oq = quantiles(parts["batched"][mode]), quantiles(parts["one_by_one"][mode])
+        ratio = oq[0] / bq[0]
+        csv_rows += [dict(base, mode=mode, provider="batched", median=bq[0], p20=bq[1], p80=bq[2], unit="s",
+                          batch=args.batch_size),
+                     dict(base, mode=mode, provider="one_by_one", median=oq[0], p20=oq[1], p80=oq[2], unit="s",
+                          batch=1),
+                     dict(base, mode=mode, provider="speedup", median=ratio, unit="x", batch=args.batch_size)]
+        lines.append(f"{mode:>10}: batched (B={args.batch_size}) {bq[0]:7.2f} s, one by one {oq[0]:7.2f} s, "
+                     f"speedup {ratio:.1f}x")
+    share = quantiles(parts["batched"]["model_share"])
+    csv_rows.append(dict(base, mode="evaluate", provider="batched_model_share", median=share[0], p20=share[1],
+                         p80=share[2], unit="fraction", batch=args.batch_size))
     path = append_rows(csv_rows)
     print(f"{config}\n{device}")
-    print(f"batched (B={args.batch_size}): median {b[0]:.2f} s (p20 {b[1]:.2f}, p80 {b[2]:.2f})")
-    print(f"one by one:       median {o[0]:.2f} s (p20 {o[1]:.2f}, p80 {o[2]:.2f})")
-    print(f"speedup {ratio:.1f}x; share of batched time inside model forward {share:.0%}")
+    print("\n".join(lines))
+    print(f"share of the batched evaluation inside model compute: {share[0]:.0%}")
     print(f"appended to {path}")
 
 

@@ -52,3 +52,20 @@ def locate(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     if not isinstance(layers, nn.ModuleList):
         raise GRUNError(f"could not find the decoder layers of this {model_type} model at {arch.backbone}.{arch.layers}")
     return backbone, layers
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The forward's KV-cache keyword: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = output.get("cache", None)
+    return cache if cache is not None else output.get("past_key_values", None)

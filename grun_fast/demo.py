@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass

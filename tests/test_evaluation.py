@@ -16,10 +16,12 @@ import grun_fast
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation import metrics
 from grun_fast.evaluation.multiple_choice import evaluate_multiple_choice, load_mc_file, mc_prompt, letter_token_ids
-from grun_fast.evaluation.scoring import answer_nll, generate
+from grun_fast.evaluation.generation import generate
+from grun_fast.evaluation.scoring import answer_nll
 from grun_fast.evaluation.splits import align_perturbed, tofu_eval_splits, validate_split
 from grun_fast.evaluation.tofu import evaluate, forget_truth_ratios
 from grun_fast.testing import make_tiny_tokenizer, tiny_llama
+from tests.conftest import TINY_CONFIGS, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOFU_DIR = Path(os.environ.get("GRUN_TOFU_DIR", REPO.parent / "shared" / "data" / "tofu"))
@@ -172,8 +174,11 @@ def test_answer_nll_matches_manual_forward_and_is_batch_invariant(tiny):
     np.testing.assert_allclose(nll, one, rtol=1e-6)
 
 
-def test_answer_nll_edits_last_prompt_token_and_reads_its_gate(patched):
+@pytest.mark.parametrize("answer_head", [True, False], ids=["answer_head", "full_logits"])
+def test_answer_nll_edits_last_prompt_token_and_reads_its_gate(patched, answer_head, monkeypatch):
     model, tokenizer = patched
+    if not answer_head:   # the path of model types whose logits are not plain head(hidden)
+        monkeypatch.setattr(grun_fast.evaluation.scoring, "supports_answer_head", lambda m: False)
     rows = _rows(5)
     nll, gates = answer_nll(model, tokenizer, rows, batch_size=3, gates=grun_fast.evaluation.scoring.gate_modules(model))
     expected = [_manual_nll(model, tokenizer, r, edit=True)[0] for r in rows]
@@ -228,6 +233,87 @@ def test_batched_generation_equals_one_by_one(patched):
     with _without_adapters(model):
         plain = generate(model, tokenizer, rows, batch_size=4, max_new_tokens=10)
     assert plain != batched
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_continuous_batching_matches_model_generate(patched, batch_size):
+    """Rows leave and join the running batch (continuous batching); each row's tokens must still be exactly
+    model.generate's greedy tokens for that prompt alone, cut at EOS."""
+    model, tokenizer = patched
+    rows = _rows(7)
+    eos = tokenizer.eos_token_id
+    ours = generate(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=12)
+    for r, text in zip(rows, ours):
+        ids = torch.tensor([tokenizer(f"Question: {r['question']}\nAnswer: ")["input_ids"]])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, ids.shape[1]:].tolist()
+        if eos in ref:
+            ref = ref[:ref.index(eos)]
+        assert text == tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_generation_with_eos_leaves_and_refills(patched, monkeypatch):
+    """Force an early EOS for some rows, so rows finish at different steps and queued prompts join mid-run."""
+    from grun_fast.evaluation import generation
+
+    model, tokenizer = patched
+    rows = _rows(9)
+    eos = tokenizer.eos_token_id
+    head = model.get_output_embeddings()
+    calls = {"n": 0}
+
+    def biased(module, args, output):   # rows whose current input sum is odd are pushed to EOS
+        calls["n"] += 1
+        out = output.clone()
+        push = (args[0].sum(dim=(1, 2)) * 1e3).long() % 3 == 0
+        out[push, :, eos] += 1e4
+        return out
+    handle = head.register_forward_hook(biased)
+    seen = []
+    real_merge = generation._Decoder._merge
+    monkeypatch.setattr(generation._Decoder, "_merge",
+                        lambda self, old, new: (seen.append((len(old[0]), len(new[0]))), real_merge(self, old, new))[1])
+    try:
+        batched = generate(model, tokenizer, rows, batch_size=4, max_new_tokens=10)
+        single = [generate(model, tokenizer, [r], batch_size=1, max_new_tokens=10)[0] for r in rows]
+    finally:
+        handle.remove()
+    assert batched == single
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in batched}
+    assert len(lengths) > 1                  # rows really stopped at different steps
+    assert any(a > 0 for a, _ in seen)       # and prompts joined a batch that was still running
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_continuous_batching_every_architecture(model_type):
+    """Token-level: the decoder (rows leaving at EOS, queued prompts joining) gives model.generate's greedy
+    tokens of each prompt alone, with a GRUN adapter editing the prefill, on every supported architecture
+    (gemma2's sliding-window cache takes the fixed-batch fallback)."""
+    from tqdm.auto import tqdm
+
+    from grun_fast.evaluation.generation import _Decoder
+
+    model = tiny_model(model_type)
+    grun_fast.patch(model, grun_fast.GRUNConfig(layers=[1], rank=2))
+    with torch.no_grad():
+        for m in grun_fast.adapter_modules(model).values():
+            m.gate.bias.fill_(5.0)
+            m.weight.mul_(30)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 12, 4, 6)]
+
+    def reference(prompt, eos):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=8, pad_token_id=0, eos_token_id=eos)[0, len(prompt):].tolist()
+        return out[:out.index(eos)] if eos in out else out
+
+    eos = reference(prompts[0], None)[3]          # the first row stops early, others may not
+    expected = [reference(p, eos) for p in prompts]
+    got = _Decoder(model, pad_id=0, eos_id=eos, max_new_tokens=8).run(prompts, 3, tqdm(disable=True))
+    assert got == expected
+    assert len({len(t) for t in got}) > 1
 
 
 def test_evaluate_numbers_follow_from_row_scores(patched):

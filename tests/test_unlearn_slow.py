@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import grun_fast
 from grun_fast.data import load_tofu, make_authors, make_benchmark, split_by_author, tokenize_rows
 from grun_fast.evaluation.metrics import rouge_l_recall
-from grun_fast.evaluation.scoring import generate
+from grun_fast.evaluation.generation import generate
 from grun_fast.testing import train_tiny_base, untrained_tiny
 from grun_fast.unlearn import unlearn
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import grun_fast
-from grun_fast.unlearn.step import PrefixCache, batch_answer_nll, supports_answer_head
+from grun_fast.answer_head import supports_answer_head
+from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 from tests.conftest import TINY_CONFIGS, tiny_model
 
 FALLBACK = {"gemma2"}
@@ -119,9 +120,9 @@ def test_softcapped_logits_are_reproduced():
 @pytest.mark.parametrize("cap", [None, 2.0])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_head_nll_matches_cross_entropy(monkeypatch, cap, with_bias):
-    from grun_fast.unlearn import step
+    from grun_fast import answer_head
 
-    monkeypatch.setattr(step, "_VOCAB_CHUNK", 7)      # uneven chunks over a vocabulary of 40
+    monkeypatch.setattr(answer_head, "VOCAB_CHUNK", 7)      # uneven chunks over a vocabulary of 40
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(9, 6, generator=g, dtype=torch.float64).float().requires_grad_(True)
     weight = torch.randn(40, 6, generator=g)
@@ -129,7 +130,7 @@ def test_chunked_head_nll_matches_cross_entropy(monkeypatch, cap, with_bias):
     target = torch.randint(0, 40, (9,), generator=g)
     target[0], target[1] = 0, 39                          # first and last vocabulary entries
     w = torch.randn(9, generator=g)
-    nll = step._HeadNLL.apply(hidden, weight, bias, target, cap)
+    nll = answer_head.HeadNLL.apply(hidden, weight, bias, target, cap)
     (nll * w).sum().backward()
     got = hidden.grad.clone()
     hidden.grad = None

@@ -10,35 +10,40 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from grun_fast.data.prompts import answer_ids, prompt_ids
+from grun_fast.data.prompts import answer_ids_batch, prompt_ids_batch
 
 IGNORE_INDEX = -100
 
 
-def encode_example(tokenizer: Any, row: Mapping[str, Any], template: str = "plain", max_length: int = 512,
-                   answer_key: str = "answer", question_key: str = "question",
-                   add_eos: bool = True) -> dict[str, Any]:
-    """One row -> ``{"input_ids": list[int], "prompt_len": int}``.
+def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "plain",
+                max_length: int = 512, answer_key: str = "answer", question_key: str = "question",
+                add_eos: bool = True) -> list[dict[str, Any]]:
+    """Rows -> ``[{"input_ids": list[int], "prompt_len": int}]`` (prompts and answers each tokenised in one
+    call).
 
     Longer than ``max_length``: the answer is cut first; a prompt that alone does not leave room for one
     answer token loses its beginning (its end, the edited token, is kept).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (one prompt and one answer token), got {max_length}")
-    p = prompt_ids(tokenizer, row, template, question_key)
-    a = answer_ids(tokenizer, row[answer_key], add_eos)
-    if not a:
-        raise ValueError(f"row has an empty answer after tokenisation: {dict(row)!r:.200}")
-    if len(p) > max_length - 1:
-        p = p[len(p) - (max_length - 1):]
-    a = a[: max_length - len(p)]
-    return {"input_ids": p + a, "prompt_len": len(p)}
+    prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
+    answers = answer_ids_batch(tokenizer, [row[answer_key] for row in rows], add_eos)
+    out = []
+    for row, p, a in zip(rows, prompts, answers):
+        if not a:
+            raise ValueError(f"row has an empty answer after tokenisation: {dict(row)!r:.200}")
+        if len(p) > max_length - 1:
+            p = p[len(p) - (max_length - 1):]
+        a = a[: max_length - len(p)]
+        out.append({"input_ids": p + a, "prompt_len": len(p)})
+    return out
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "plain",
-                max_length: int = 512, answer_key: str = "answer", question_key: str = "question",
-                add_eos: bool = True) -> list[dict[str, Any]]:
-    return [encode_example(tokenizer, r, template, max_length, answer_key, question_key, add_eos) for r in rows]
+def encode_example(tokenizer: Any, row: Mapping[str, Any], template: str = "plain", max_length: int = 512,
+                   answer_key: str = "answer", question_key: str = "question",
+                   add_eos: bool = True) -> dict[str, Any]:
+    """``encode_rows`` of one row."""
+    return encode_rows(tokenizer, [row], template, max_length, answer_key, question_key, add_eos)[0]
 
 
 def pad_examples(examples: Sequence[Mapping[str, Any]], pad_token_id: int,

@@ -9,7 +9,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 TOFU_HUB_NAME = "locuslab/TOFU"
 TOFU_ENV_VAR = "GRUN_TOFU_DIR"

@@ -6,7 +6,7 @@ it is scored with (the reference code fine-tuned on "Question: q\\nAnswer: " and
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer: "
 TEMPLATES = ("plain", "chat")
@@ -47,27 +47,52 @@ def _adds_special_tokens(row: Mapping[str, Any], template: str) -> bool:
     return not (template == "chat" and "prompt" not in row)
 
 
-def prompt_ids(tokenizer: Any, row: Mapping[str, Any], template: str = "plain",
-               question_key: str = "question") -> list[int]:
-    """Token ids of a row's prompt, exactly as generation and teacher-forced scoring must see them.
+def _tokenize(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts in one tokenizer call (a fast tokenizer encodes a list in parallel; per-text
+    calls cost more than the encoding itself on short QA rows)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def prompt_ids_batch(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "plain",
+                     question_key: str = "question") -> list[list[int]]:
+    """Token ids of each row's prompt, exactly as generation and teacher-forced scoring must see them.
 
     Never empty: an empty prompt (document mode) becomes the BOS token (EOS when there is no BOS), so the
     edit always has a position, ``len(ids) - 1``.
     """
-    text = row_prompt(row, tokenizer, template, question_key)
-    ids = list(tokenizer(text, add_special_tokens=_adds_special_tokens(row, template))["input_ids"])
-    if not ids:
+    texts = [row_prompt(row, tokenizer, template, question_key) for row in rows]
+    special = [_adds_special_tokens(row, template) for row in rows]
+    out: list[list[int]] = [[] for _ in rows]
+    for flag in (True, False):
+        chosen = [i for i, s in enumerate(special) if s == flag]
+        for i, ids in zip(chosen, _tokenize(tokenizer, [texts[i] for i in chosen], flag)):
+            out[i] = ids
+    if any(not ids for ids in out):
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
             raise ValueError("the prompt is empty and the tokenizer has neither a BOS nor an EOS token to "
                              "start it with")
-        ids = [start]
-    return ids
+        out = [ids or [start] for ids in out]
+    return out
+
+
+def prompt_ids(tokenizer: Any, row: Mapping[str, Any], template: str = "plain",
+               question_key: str = "question") -> list[int]:
+    """``prompt_ids_batch`` of one row."""
+    return prompt_ids_batch(tokenizer, [row], template, question_key)[0]
+
+
+def answer_ids_batch(tokenizer: Any, answers: Sequence[str], add_eos: bool = True) -> list[list[int]]:
+    """Token ids of answer continuations (no BOS), with EOS appended so a model learns where to stop."""
+    out = _tokenize(tokenizer, answers, add_special_tokens=False)
+    if add_eos and tokenizer.eos_token_id is not None:
+        for ids in out:
+            ids.append(tokenizer.eos_token_id)
+    return out
 
 
 def answer_ids(tokenizer: Any, answer: str, add_eos: bool = True) -> list[int]:
-    """Token ids of an answer continuation (no BOS), with EOS appended so a model learns where to stop."""
-    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    """``answer_ids_batch`` of one answer."""
+    return answer_ids_batch(tokenizer, [answer], add_eos)[0]

@@ -1,10 +1,9 @@
-"""Batched model work for evaluation: teacher-forced answer NLLs (with the gates read at the edited token)
-and greedy generation.
+"""Batched teacher-forced scoring for evaluation: answer NLLs, with the gates read at the edited token.
 
-Both use the shared prompt encoding of ``grun_fast.data`` so a model is scored on exactly the tokens it was
-trained on. Scoring pads on the right, so the edit position of each row is ``prompt_len - 1``; generation
-pads on the left and lets ``last_prompt`` adapters edit the last prompt token during prefill. Rows are
+It uses the shared prompt encoding of ``grun_fast.data`` so a model is scored on exactly the tokens it was
+trained on. Rows are padded on the right, so the edit position of each row is ``prompt_len - 1``; they are
 sorted by length before batching, so a batch wastes little on padding; results come back in input order.
+(Greedy generation lives in ``generation``.)
 """
 from __future__ import annotations
 
@@ -18,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grun_fast.data.encoding import encode_example, pad_examples, pad_token_id_of
-from grun_fast.data.prompts import prompt_ids
+from grun_fast.answer_head import head_nll, supports_answer_head
+from grun_fast.architectures import locate
+from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
 from grun_fast.patching import adapter_modules, adapter_names, edit_at
 
 GateModules = Mapping[str, Mapping[int, torch.nn.Module]]
@@ -79,12 +79,22 @@ def read_gates(modules: GateModules, positions: torch.Tensor) -> dict[str, dict[
     return out
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
+def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (most Hugging Face causal LMs do)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _logits_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] summed NLL of ``target`` [B, T] from logits of its last ``logits.shape[1]`` positions."""
+    target = target[:, target.shape[1] - logits.shape[1]:]
+    rows_i, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    # Only the answer positions are lifted to fp32: the full [B, T, V] logits can be large.
+    token_nll = F.cross_entropy(logits[rows_i, cols].float(), target[rows_i, cols], reduction="none")
+    return torch.zeros(target.shape[0], device=logits.device, dtype=torch.float64).index_add_(
+        0, rows_i, token_nll.double())
 
 
 @torch.no_grad()
@@ -99,62 +109,32 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[st
     prompt (causal attention), so it is the same for every answer scored after the same question.
     """
     gates = gates or {}
-    examples = [encode_example(tokenizer, r, template, max_length, answer_key, question_key) for r in rows]
+    examples = encode_rows(tokenizer, rows, template, max_length, answer_key, question_key)
     pad_id = pad_token_id_of(tokenizer)
     device = model_device(model)
     n = len(examples)
     nll = np.full(n, np.nan)
     gate_out = {name: {layer: np.full(n, np.nan) for layer in layers} for name, layers in gates.items()}
+    # The backbone, then the LM head only where an answer token is predicted (``answer_head``); other
+    # models go through their own forward, keeping logits from the earliest edited token on.
+    backbone = locate(model)[0] if supports_answer_head(model) else None
+    trims_logits = keeps_logits(model)
     order = sorted(range(n), key=lambda i: -len(examples[i]["input_ids"]))
     for idx in tqdm(batches(order, batch_size), desc=desc, disable=desc is None, leave=False):
         batch = pad_examples([examples[i] for i in idx], pad_id, "right")
-        ids = batch["input_ids"].to(device)
-        # Logits are needed from the earliest last-prompt token on: the prompt positions before it skip the
-        # LM head (a large share of a small model's work, and of the logits' memory for a large vocabulary).
-        keep = {"logits_to_keep": ids.shape[1] - int(batch["edit_pos"].min())} if _keeps_logits(model) else {}
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        target = F.pad(batch["labels"].to(device)[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts t+1
         with edit_at_positions(model, batch["edit_pos"].to(device)):
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False, **keep).logits
-        offset = ids.shape[1] - logits.shape[1]  # logits[:, j] belongs to position offset + j
-        labels = batch["labels"].to(device)[:, 1:]  # labels[:, p] is the token predicted at position p
-        rows_i, cols = (labels != -100).nonzero(as_tuple=True)
-        # Only the answer positions are lifted to fp32: the full [B, T, V] logits can be large.
-        token_nll = F.cross_entropy(logits[rows_i, cols - offset].float(), labels[rows_i, cols], reduction="none")
-        sums = torch.zeros(len(idx), device=device, dtype=torch.float64).index_add_(0, rows_i, token_nll.double())
-        counts = torch.bincount(rows_i, minlength=len(idx)).clamp_min(1)
-        nll[idx] = (sums / counts).cpu().numpy()
+            if backbone is not None:
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                sums = head_nll(model, hidden, target)
+            else:
+                keep = {"logits_to_keep": ids.shape[1] - int(batch["edit_pos"].min())} if trims_logits else {}
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
+                sums = _logits_nll(logits, target)
+        counts = (target != IGNORE_INDEX).sum(-1).clamp_min(1)
+        nll[idx] = (sums.double() / counts).cpu().numpy()
         for name, layers in read_gates(gates, batch["edit_pos"]).items():
             for layer, values in layers.items():
                 gate_out[name][layer][idx] = values
     return nll, gate_out
-
-
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
-             question_key: str = "question", template: str = "plain", batch_size: int = 16,
-             max_new_tokens: int = 128, desc: str | None = None) -> list[str]:
-    """Greedy continuations of each row's prompt (left-padded batches; stops at EOS or ``max_new_tokens``).
-
-    ``last_prompt`` adapters edit the last prompt token during prefill by themselves. Batching does not
-    change the tokens: every row sees exactly its own prompt, positions counted from its first real token.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = [prompt_ids(tokenizer, r, template, question_key) for r in rows]
-    pad_id = pad_token_id_of(tokenizer)
-    eos_id = tokenizer.eos_token_id
-    device = model_device(model)
-    out: list[str | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for idx in tqdm(batches(order, batch_size), desc=desc, disable=desc is None, leave=False):
-        batch = pad_examples([{"input_ids": prompts[i], "prompt_len": len(prompts[i])} for i in idx], pad_id, "left")
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                   max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
-                                   eos_token_id=eos_id, temperature=None, top_p=None, top_k=None)
-        for row, i in enumerate(idx):
-            new = generated[row, ids.shape[1]:].tolist()
-            if eos_id is not None and eos_id in new:
-                new = new[:new.index(eos_id)]
-            out[i] = tokenizer.decode(new, skip_special_tokens=True)
-    return out  # type: ignore[return-value]

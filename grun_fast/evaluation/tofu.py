@@ -15,7 +15,8 @@ import numpy as np
 
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation import metrics
-from grun_fast.evaluation.scoring import answer_nll, gate_modules, generate
+from grun_fast.evaluation.generation import generate
+from grun_fast.evaluation.scoring import answer_nll, gate_modules
 from grun_fast.evaluation.splits import FORGET, KNOWLEDGE, split_kind, validate_split
 
 

@@ -16,7 +16,6 @@ Three ways to get the same numbers, fastest last (each falls back to the one bef
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from typing import Sequence
 
@@ -24,107 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grun_fast.architectures import locate
+from grun_fast.answer_head import head_nll, supports_answer_head
+from grun_fast.architectures import cache_kwarg, locate, output_cache
 from grun_fast.data.encoding import IGNORE_INDEX
 from grun_fast.patching import edit_at
 from grun_fast.unlearn.cache import LowerLayerCache, bypass_lower_layers
 from grun_fast.unlearn.losses import answer_nll
 
 log = logging.getLogger(__name__)
-
-# Models whose logits are head(final hidden), optionally soft-capped: the answer head reproduces them.
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
-                     "gpt2", "gpt_neox"}
-
-
-def supports_answer_head(model: nn.Module) -> bool:
-    """True when logits = [softcap](output_embeddings(backbone(x))) for this model type."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
-        return False
-    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")):
-        return False
-    try:
-        return model.get_output_embeddings() is not None
-    except (AttributeError, NotImplementedError):
-        return False
-
-
-_VOCAB_CHUNK = 4096
-
-
-class _HeadNLL(torch.autograd.Function):
-    """Per-token NLL of ``target`` under logits = [softcap](hidden @ weight^T + bias), for a frozen head.
-
-    Works through the vocabulary in chunks (cache-sized temporaries): each chunk's fp32 logits are kept
-    for the backward, which turns them in place into ``(softmax - onehot) * grad`` and accumulates
-    ``grad_hidden += chunk @ weight_chunk``. Same math as head + F.cross_entropy, fewer passes over the
-    [N, V] logits (a large share of a small model's step with a 32k vocabulary)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, cap):
-        n = hidden.shape[0]
-        chunks, lses = [], []
-        picked = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        for lo in range(0, weight.shape[0], _VOCAB_CHUNK):
-            hi = min(lo + _VOCAB_CHUNK, weight.shape[0])
-            z = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
-            if cap:
-                z = torch.tanh(z.div_(cap)).mul_(cap)
-            inside = (target >= lo) & (target < hi)
-            rows = inside.nonzero().squeeze(-1)
-            picked[rows] = z[rows, target[rows] - lo]
-            lses.append(torch.logsumexp(z, dim=-1))
-            chunks.append(z)
-        lse = torch.logsumexp(torch.stack(lses, -1), dim=-1)
-        ctx.chunks, ctx.cap, ctx.hidden_dtype = chunks, cap, hidden.dtype
-        ctx.save_for_backward(weight, lse, target)
-        return lse - picked
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, lse, target = ctx.saved_tensors
-        chunks, cap = ctx.chunks, ctx.cap
-        ctx.chunks = None
-        grad_hidden = torch.zeros(lse.shape[0], weight.shape[1], dtype=torch.float32, device=lse.device)
-        lo = 0
-        for z in chunks:
-            hi = lo + z.shape[1]
-            factor = 1.0 - (z / cap).square_() if cap else None     # d softcap / d raw logit
-            p = z.sub_(lse[:, None]).exp_()
-            inside = (target >= lo) & (target < hi)
-            rows = inside.nonzero().squeeze(-1)
-            p[rows, target[rows] - lo] -= 1.0
-            p.mul_(grad[:, None])
-            if factor is not None:
-                p.mul_(factor)
-            grad_hidden.addmm_(p, weight[lo:hi].float())
-            lo = hi
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
-
-
-def _head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] summed NLL of ``target`` (-100: unscored) predicted from ``hidden`` [B, T, d] (same T)."""
-    answer = target != IGNORE_INDEX
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    bias = getattr(head, "bias", None)
-    x = hidden[answer]
-    if isinstance(head, nn.Linear) and not head.weight.requires_grad and (bias is None or not bias.requires_grad):
-        nll = _HeadNLL.apply(x, head.weight, bias, target[answer], float(cap) if cap else None)
-    else:                                       # a trainable or unusual head: plain autograd
-        logits = head(x).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        nll = F.cross_entropy(logits, target[answer], reduction="none")
-    rows = torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(answer, nll)
-    return rows.sum(-1)
-
-
-def _cache_kwarg(backbone: nn.Module) -> str:
-    params = inspect.signature(backbone.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
 
 def batch_answer_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                      edit_pos: torch.Tensor, *, keys: Sequence | None = None,
@@ -151,7 +57,7 @@ def batch_answer_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, la
             backbone = locate(model)[0]
             hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             target = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # position t predicts t + 1
-            return _head_nll(model, hidden, target), count
+            return head_nll(model, hidden, target), count
         logits = (call or model)(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return answer_nll(logits, labels)[0].float(), count
 
@@ -179,7 +85,7 @@ class PrefixCache:
         self.enabled = True
         self.bypass = True
         self.checked = False
-        self.kwarg = _cache_kwarg(self.backbone)
+        self.kwarg = cache_kwarg(self.backbone)
 
     def disable(self, why: str) -> None:
         if self.enabled:
@@ -202,9 +108,7 @@ class PrefixCache:
         finally:
             if handle is not None:
                 handle.remove()
-        cache = out.get("cache", None)
-        if cache is None:
-            cache = out.get("past_key_values", None)
+        cache = output_cache(out)
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.layers) or any(
                 type(layer).__name__ != "DynamicLayer" or getattr(layer, "keys", None) is None for layer in layers):
@@ -325,7 +229,7 @@ class PrefixCache:
             if answer_head and supports_answer_head(self.model):
                 hidden = self.backbone(input_ids=suffix_ids, attention_mask=attn, position_ids=position_ids,
                                        use_cache=cache is not None, **kwargs).last_hidden_state
-                return _head_nll(self.model, hidden, target)
+                return head_nll(self.model, hidden, target)
             logits = self.model(input_ids=suffix_ids, attention_mask=attn, position_ids=position_ids,
                                 use_cache=cache is not None, **kwargs).logits
         return _nll_from_logits(logits, target)
