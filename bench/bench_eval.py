@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, source = load_rows(args.split)
     model, tokenizer = train_tiny_base(rows, hidden_size=args.hidden, num_layers=args.layers, epochs=args.epochs,
                                        stop_loss=0.0, progress=True, desc="tiny base on the split")
-    adapter_layers = [args.layers // 2, args.layers - 1]
+    adapter_layers = sorted({args.layers // 2, args.layers - 1})
     grun_fast.patch(model, grun_fast.GRUNConfig(layers=adapter_layers))
     backbone = locate(model)[0]
     model_parts = [(backbone, "forward"), (model.get_output_embeddings(), "forward"), (scoring, "head_nll")]
@@ -144,23 +144,24 @@ def main(argv: list[str] | None = None) -> None:
     config = (f"{source} {len(rows)} questions ({n_seq} scored sequences, {2 * len(rows)} generations of <= "
               f"{args.max_new_tokens} tokens, mean {np.mean(new_tokens):.0f}); llama d{args.hidden} L{args.layers} "
               f"vocab {len(tokenizer)} trained {args.epochs} epochs; grun layers {adapter_layers}; "
-              f"repeats {args.repeats}")
+              f"batch {args.batch_size} vs 1; repeats {args.repeats}")
     base = dict(op="eval_split", rows=len(rows), d=args.hidden, dtype="fp32", device=device, date=now(),
                 config=config, load=load_average())
     csv_rows, lines = [], []
     for mode in ("evaluate", "scoring", "generation"):
-        if mode == "evaluate":
-            bq, oq = quantiles(samples["batched"]), quantiles(samples["one_by_one"])
-        else:
-            bq, oq = quantiles(parts["batched"][mode]), quantiles(parts["one_by_one"][mode])
+        b_s, o_s = (samples["batched"], samples["one_by_one"]) if mode == "evaluate" else \
+            (parts["batched"][mode], parts["one_by_one"][mode])
+        bq, oq = quantiles(b_s), quantiles(o_s)
         ratio = oq[0] / bq[0]
+        per_round = quantiles([o / b for o, b in zip(o_s, b_s)])    # rounds were interleaved: pair them
         csv_rows += [dict(base, mode=mode, provider="batched", median=bq[0], p20=bq[1], p80=bq[2], unit="s",
                           batch=args.batch_size),
                      dict(base, mode=mode, provider="one_by_one", median=oq[0], p20=oq[1], p80=oq[2], unit="s",
                           batch=1),
-                     dict(base, mode=mode, provider="speedup", median=ratio, unit="x", batch=args.batch_size)]
+                     dict(base, mode=mode, provider="speedup", median=ratio, p20=per_round[1], p80=per_round[2],
+                          unit="x", batch=args.batch_size)]
         lines.append(f"{mode:>10}: batched (B={args.batch_size}) {bq[0]:7.2f} s, one by one {oq[0]:7.2f} s, "
-                     f"speedup {ratio:.1f}x")
+                     f"speedup {ratio:.1f}x (per round p20 {per_round[1]:.1f}, p80 {per_round[2]:.1f})")
     share = quantiles(parts["batched"]["model_share"])
     csv_rows.append(dict(base, mode="evaluate", provider="batched_model_share", median=share[0], p20=share[1],
                          p80=share[2], unit="fraction", batch=args.batch_size))

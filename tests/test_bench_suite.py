@@ -130,3 +130,29 @@ def test_quick_suite_writes_csv_plots_and_table(tmp_path):
     for name in ("RESULTS.md", "op.png", "serving.png", "training.png"):
         assert (tmp_path / name).is_file()
     assert "## Headline" in done.stdout
+
+
+def test_eval_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
+    """bench_eval end to end on a tiny setting: both batch sizes agree (it asserts that itself), rows for the
+    whole evaluation and both parts land in the CSV, and the report shows them."""
+    from bench import bench_eval
+
+    monkeypatch.setenv(common.OUT_ENV, str(tmp_path))
+    monkeypatch.setattr(bench_eval, "load_rows", lambda split: (_eval_rows(6), "test:6"))
+    bench_eval.main(["--repeats", "1", "--epochs", "1", "--hidden", "32", "--layers", "2", "--max-new-tokens", "4",
+                     "--batch-size", "4", "--threads", "1"])
+    rows = [r for r in common.read_rows(tmp_path / common.CSV_NAME) if r["op"] == "eval_split"]
+    got = {(r["mode"], r["provider"]) for r in rows}
+    for mode in ("evaluate", "scoring", "generation"):
+        assert {(mode, "batched"), (mode, "one_by_one"), (mode, "speedup")} <= got
+    speed = {r["mode"]: float(r["median"]) for r in rows if r["provider"] == "speedup"}
+    assert all(v > 0 for v in speed.values())
+    text = report.markdown(rows, "test")
+    assert "Evaluation of a 6-question split" in text and "| generation | 4 |" in text
+
+
+def _eval_rows(n: int) -> list[dict]:
+    return [{"question": f"Where was author {i} born?", "answer": f"Author {i} was born in town {i}.",
+             "paraphrased_answer": f"Town {i} is where author {i} was born.",
+             "perturbed_answer": [f"Author {i} was born in town {i + k}." for k in (1, 2, 3)],
+             "paraphrased_question": f"What is the birthplace of author {i}?"} for i in range(n)]
