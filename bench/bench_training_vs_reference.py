@@ -130,9 +130,12 @@ class Ours:
     def check(self) -> str:
         """The trainer took the path this mode names (no silent fallback)."""
         t = self.trainer
-        if self.mode == "prefix_kv" and not (t.prefix_cache.enabled and t.prefix_cache.hits):
+
+        def used(cache) -> bool:   # still on, and asked for entries (the first step only fills it: misses)
+            return cache.enabled and cache.hits + cache.misses > 0
+        if self.mode == "prefix_kv" and not used(t.prefix_cache):
             raise RuntimeError("the prefix cache was not used")
-        if self.mode in ("cached", "answer_head") and not (t.lower_cache.enabled and t.lower_cache.hits):
+        if self.mode in ("cached", "answer_head") and not used(t.lower_cache):
             raise RuntimeError("the lower-layer cache was not used")
         return self.mode
 
