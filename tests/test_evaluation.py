@@ -229,6 +229,7 @@ def test_batched_generation_equals_one_by_one(patched):
     single = [generate(model, tokenizer, [r], batch_size=1, max_new_tokens=10)[0] for r in rows]
     assert batched == single
     assert len(set(batched)) > 1
+    assert generate(model, tokenizer, [], batch_size=4) == []
     # the adapter acts during generation's prefill: unpatched generations differ somewhere
     with _without_adapters(model):
         plain = generate(model, tokenizer, rows, batch_size=4, max_new_tokens=10)

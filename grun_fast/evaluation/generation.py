@@ -56,6 +56,8 @@ class _Decoder:
 
     def run(self, prompts: list[list[int]], batch_size: int, bar) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in prompts]
+        if not prompts:
+            return out
         queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # long prompts first
         first = queue[:batch_size]
         state = self._prefill(prompts, first, out)
