@@ -273,7 +273,8 @@ def test_generation_with_eos_leaves_and_refills(patched, monkeypatch):
     seen = []
     real_merge = generation._Decoder._merge
     monkeypatch.setattr(generation._Decoder, "_merge",
-                        lambda self, old, new: (seen.append((len(old[0]), len(new[0]))), real_merge(self, old, new))[1])
+                        lambda self, old, new: (seen.append((len(old.rows) if old else 0, len(new.rows))),
+                                                             real_merge(self, old, new))[1])
     try:
         batched = generate(model, tokenizer, rows, batch_size=4, max_new_tokens=10)
         single = [generate(model, tokenizer, [r], batch_size=1, max_new_tokens=10)[0] for r in rows]

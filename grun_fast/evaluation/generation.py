@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,7 +48,21 @@ def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str,
 REFILL_FRACTION = 0.25
 
 
+@dataclass
+class _Running:
+    """The rows being decoded: which prompt each is, their KV cache and attention mask (left-padded, columns
+    shared), and the token each produced last, to be fed next."""
+
+    rows: list[int]
+    cache: Any
+    mask: torch.Tensor
+    pending: torch.Tensor
+
+
 class _Decoder:
+    """Greedy decoding of many prompts through at most ``batch_size`` slots; ``out[i]`` collects prompt i's
+    tokens (EOS stripped when it ends the row)."""
+
     def __init__(self, model: torch.nn.Module, pad_id: int, eos_id: int | None, max_new_tokens: int):
         self.model, self.pad_id, self.eos_id, self.max_new = model, pad_id, eos_id, max_new_tokens
         self.device = model_device(model)
@@ -59,25 +74,25 @@ class _Decoder:
         if not prompts:
             return out
         queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # long prompts first
-        first = queue[:batch_size]
-        state = self._prefill(prompts, first, out)
-        if state is None:                      # not a plain DynamicCache: fixed batches via model.generate
+        running = self._prefill(prompts, queue[:batch_size], out)
+        if running is None:                    # not a plain DynamicCache: fixed batches via model.generate
             self._fixed_batches(prompts, queue, batch_size, out, bar)
             return out
-        queue = queue[len(first):]
-        rows, kv, mask, pending = state
+        queue = queue[batch_size:]
+        refill_at = batch_size - max(1, int(batch_size * REFILL_FRACTION))
         while True:
-            rows, kv, mask, pending = self._drop_finished(rows, kv, mask, pending, out, bar)
-            if queue and len(rows) <= batch_size - max(1, int(batch_size * REFILL_FRACTION)):
-                take, queue = queue[:batch_size - len(rows)], queue[batch_size - len(rows):]
-                new = self._prefill(prompts, take, out)
-                if new is None:                 # cannot happen after a plain first prefill; be safe
+            running = self._drop_finished(running, out, bar)
+            if queue and (running is None or len(running.rows) <= refill_at):
+                free = batch_size - (len(running.rows) if running else 0)
+                joining = self._prefill(prompts, queue[:free], out)
+                if joining is None:             # cannot happen after a plain first prefill; be safe
                     raise RuntimeError("the model's KV cache changed kind between prefills")
-                rows, kv, mask, pending = self._merge((rows, kv, mask, pending), new)
+                queue = queue[free:]
+                running = self._merge(running, joining)
                 continue
-            if not rows:
+            if running is None:
                 return out
-            rows, kv, mask, pending = self._step(rows, kv, mask, pending, out)
+            self._step(running, out)
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, ids, mask, position_ids, cache):
@@ -85,8 +100,8 @@ class _Decoder:
                             **{self.cache_kwarg: cache}, **self.keep)
         return result.logits[:, -1].argmax(-1), output_cache(result)
 
-    def _prefill(self, prompts, take: list[int], out):
-        """Left-padded prefill of ``take``: (rows, kv, mask, next token) or None for an unsupported cache."""
+    def _prefill(self, prompts, take: list[int], out) -> _Running | None:
+        """Left-padded prefill of ``take`` (None for a model whose cache is not a plain DynamicCache)."""
         batch = pad_examples([{"input_ids": prompts[i], "prompt_len": len(prompts[i])} for i in take],
                              self.pad_id, "left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -97,37 +112,40 @@ class _Decoder:
             return None
         for row, t in zip(take, token.tolist()):
             out[row].append(t)
-        return list(take), self._cache(kv), mask, token
+        return _Running(list(take), self._cache(kv), mask, token)
 
-    def _step(self, rows, kv, mask, pending, out):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        position_ids = (mask.sum(-1, keepdim=True) - 1)
-        token, _ = self._forward(pending[:, None], mask, position_ids, kv)    # appends to kv in place
-        for row, t in zip(rows, token.tolist()):
+    def _step(self, running: _Running, out) -> None:
+        """One decode step of every running row (the cache grows in place)."""
+        mask = torch.cat([running.mask, running.mask.new_ones(running.mask.shape[0], 1)], dim=1)
+        position_ids = mask.sum(-1, keepdim=True) - 1
+        token, _ = self._forward(running.pending[:, None], mask, position_ids, running.cache)
+        for row, t in zip(running.rows, token.tolist()):
             out[row].append(t)
-        return rows, kv, mask, token
+        running.mask, running.pending = mask, token
 
     # ------------------------------------------------------------------ batch bookkeeping
     def _done(self, tokens: list[int]) -> bool:
         return len(tokens) >= self.max_new or (self.eos_id is not None and tokens[-1] == self.eos_id)
 
-    def _drop_finished(self, rows, kv, mask, pending, out, bar):
-        keep = [j for j, row in enumerate(rows) if not self._done(out[row])]
-        finished = len(rows) - len(keep)
-        if finished == 0:
-            return rows, kv, mask, pending
-        for j, row in enumerate(rows):
+    def _drop_finished(self, running: _Running | None, out, bar) -> _Running | None:
+        if running is None:
+            return None
+        keep = [j for j, row in enumerate(running.rows) if not self._done(out[row])]
+        if len(keep) == len(running.rows):
+            return running
+        for j, row in enumerate(running.rows):
             if j not in keep:
                 _strip_eos(out[row], self.eos_id)
-        bar.update(finished)
+        bar.update(len(running.rows) - len(keep))
         if not keep:
-            return [], None, None, None
-        index = torch.tensor(keep, device=mask.device)
-        mask = mask.index_select(0, index)
+            return None
+        index = torch.tensor(keep, device=running.mask.device)
+        mask = running.mask.index_select(0, index)
         start = int(mask.any(0).long().argmax())          # columns that are padding for every remaining row
         kv = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-              for k, v in _plain_kv(kv)]
-        return [rows[j] for j in keep], self._cache(kv), mask[:, start:], pending.index_select(0, index)
+              for k, v in _plain_kv(running.cache)]
+        return _Running([running.rows[j] for j in keep], self._cache(kv), mask[:, start:],
+                        running.pending.index_select(0, index))
 
     def _cache(self, kv):
         from transformers import DynamicCache
@@ -137,12 +155,11 @@ class _Decoder:
         cache.layers = [layer(k, v, spare=self.max_new + 1) for k, v in kv]
         return cache
 
-    def _merge(self, old, new):
-        rows_a, kv_a, mask_a, pend_a = old
-        rows_b, kv_b, mask_b, pend_b = new
-        if not rows_a:
+    def _merge(self, old: _Running | None, new: _Running) -> _Running:
+        """One batch of both: the shorter side's cache and mask left-padded to the longer's width."""
+        if old is None:
             return new
-        width = max(mask_a.shape[1], mask_b.shape[1])
+        width = max(old.mask.shape[1], new.mask.shape[1])
 
         def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
             missing = width - t.shape[dim]
@@ -153,9 +170,9 @@ class _Decoder:
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
         kv = [(torch.cat([left_pad(ka, 2), left_pad(kb, 2)]), torch.cat([left_pad(va, 2), left_pad(vb, 2)]))
-              for (ka, va), (kb, vb) in zip(_plain_kv(kv_a), _plain_kv(kv_b))]
-        mask = torch.cat([left_pad(mask_a, 1), left_pad(mask_b, 1)])
-        return rows_a + rows_b, self._cache(kv), mask, torch.cat([pend_a, pend_b])
+              for (ka, va), (kb, vb) in zip(_plain_kv(old.cache), _plain_kv(new.cache))]
+        mask = torch.cat([left_pad(old.mask, 1), left_pad(new.mask, 1)])
+        return _Running(old.rows + new.rows, self._cache(kv), mask, torch.cat([old.pending, new.pending]))
 
     def _fixed_batches(self, prompts, order, batch_size, out, bar):
         for idx in batches(order, batch_size):
