@@ -4,7 +4,7 @@ A batch that runs until its longest row ends spends many of its steps on rows th
 (TOFU answers vary from a few tokens to the limit). Here a finished row leaves the batch at once and, when
 a quarter of the slots are free, the next prompts are prefilled and join it: the decode steps stay full.
 Rows are left-padded; positions are counted from each row's first real token, so batching does not change
-the tokens. The prefill runs with an empty KV cache, so ``last_prompt`` adapters edit the last prompt token
+the tokens (beyond low-precision rounding of near-ties). The prefill runs with an empty KV cache, so ``last_prompt`` adapters edit the last prompt token
 as in ``model.generate``. Decoding is plain greedy argmax: the model's own generation config (repetition
 penalties and the like) is not applied: ROUGE-L is defined on the greedy generation (GRUN.md section 5).
 
