@@ -43,7 +43,9 @@ class HeadNLL(torch.autograd.Function):
     [N, V] logits (a large share of a small model's step with a 32k vocabulary)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, cap):
+    def forward(ctx, hidden, weight, bias, target, cap, keep=True):
+        # keep=False (no backward will run: scoring): each chunk is dropped once read, so the fp32 logits
+        # never exist whole ([N, V] for all answer tokens of a batch: GBs with a 128k vocabulary)
         n = hidden.shape[0]
         chunks, lses = [], []
         picked = torch.zeros(n, dtype=torch.float32, device=hidden.device)
@@ -56,14 +58,17 @@ class HeadNLL(torch.autograd.Function):
             rows = inside.nonzero().squeeze(-1)
             picked[rows] = z[rows, target[rows] - lo]
             lses.append(torch.logsumexp(z, dim=-1))
-            chunks.append(z)
+            if keep:
+                chunks.append(z)
         lse = torch.logsumexp(torch.stack(lses, -1), dim=-1)
-        ctx.chunks, ctx.cap, ctx.hidden_dtype = chunks, cap, hidden.dtype
+        ctx.chunks, ctx.cap, ctx.hidden_dtype, ctx.kept = chunks, cap, hidden.dtype, keep
         ctx.save_for_backward(weight, lse, target)
         return lse - picked
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.kept:
+            raise RuntimeError("HeadNLL ran with keep=False (no backward expected); its logits are gone")
         weight, lse, target = ctx.saved_tensors
         chunks, cap = ctx.chunks, ctx.cap
         ctx.chunks = None
@@ -81,7 +86,7 @@ class HeadNLL(torch.autograd.Function):
                 p.mul_(factor)
             grad_hidden.addmm_(p, weight[lo:hi].float())
             lo = hi
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,8 @@ def head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> to
     x = hidden[answer]
     frozen = not head.weight.requires_grad and (bias is None or not bias.requires_grad)
     if isinstance(head, nn.Linear) and (frozen or not torch.is_grad_enabled()):
-        nll = HeadNLL.apply(x, head.weight, bias, target[answer], float(cap) if cap else None)
+        nll = HeadNLL.apply(x, head.weight, bias, target[answer], float(cap) if cap else None,
+                            torch.is_grad_enabled() and x.requires_grad)
     else:                                       # a trainable or unusual head: plain autograd
         logits = head(x).float()
         if cap:

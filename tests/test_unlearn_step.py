@@ -141,3 +141,8 @@ def test_chunked_head_nll_matches_cross_entropy(monkeypatch, cap, with_bias):
     (ref * w.double()).sum().backward()
     assert torch.allclose(nll.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(got, hidden.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():    # the scoring form: chunks dropped as read, same numbers
+        scored = answer_head.HeadNLL.apply(hidden, weight, bias, target, cap, False)
+    assert torch.equal(scored, nll.detach())
+    with pytest.raises(RuntimeError, match="keep=False"):
+        answer_head.HeadNLL.apply(hidden, weight, bias, target, cap, False).sum().backward()
