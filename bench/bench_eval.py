@@ -90,8 +90,7 @@ class Stopwatch:
         return timed
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="forget10")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -102,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
                              "runs to --max-new-tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, every core)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Train the tiny model, time both batch sizes; (CSV rows, the printed summary)."""
     rows, source = load_rows(args.split)
     model, tokenizer = train_tiny_base(rows, hidden_size=args.hidden, num_layers=args.layers, epochs=args.epochs,
                                        stop_loss=0.0, progress=True, desc="tiny base on the split")
@@ -165,10 +164,20 @@ def main(argv: list[str] | None = None) -> None:
     share = quantiles(parts["batched"]["model_share"])
     csv_rows.append(dict(base, mode="evaluate", provider="batched_model_share", median=share[0], p20=share[1],
                          p80=share[2], unit="fraction", batch=args.batch_size))
+    summary = "\n".join([config, device, *lines,
+                          f"share of the batched evaluation inside model compute: {share[0]:.0%}"])
+    return csv_rows, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    csv_rows, summary = measure(args)
     path = append_rows(csv_rows)
-    print(f"{config}\n{device}")
-    print("\n".join(lines))
-    print(f"share of the batched evaluation inside model compute: {share[0]:.0%}")
+    print(summary)
     print(f"appended to {path}")
 
 

@@ -6,7 +6,7 @@ is a median over repeated runs after warm-up; every row names its device. `--qui
 with small sizes and few repeats (under 3 minutes on 2 CPU cores); the full suite runs the sizes of the
 issue that fit the device and says which it skipped.
 
-    python -m bench [--quick] [--out DIR] [--groups op serving training reference] [--reference | --no-reference]
+    python -m bench [--quick] [--out DIR] [--groups op serving training reference eval] [--reference | --no-reference]
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from bench import common
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-GROUPS = ("op", "serving", "training", "reference")
+GROUPS = ("op", "serving", "training", "reference", "eval")
+DEFAULT_GROUPS = GROUPS[:4]   # eval (whole-split evaluation, ~6 minutes on 2 cores) only when asked for
 REF_VENV = REPO / ".cache" / "ref_venv"
 QUICK_BUDGET_S = 170.0  # the whole --quick run, imports and report included, must stay under 3 minutes
 
@@ -35,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small sizes, few repeats, every group (under 3 minutes on 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for results.csv, the plots and RESULTS.md (default: bench/results)")
-    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
-                        help="which groups to run (reference: the training step vs the reference stack)")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(DEFAULT_GROUPS),
+                        help="which groups to run (reference: the training step vs the reference stack; eval: a "
+                             "TOFU split's evaluation, batched vs one row at a time, not run unless named)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default 1: on a shared 2-core machine two OpenMP threads "
@@ -198,6 +200,18 @@ class Suite:
         folded = common.fold_training_csv(self.out, since=since)
         self.rows += folded
         print(f"folded {folded} rows of bench/results/training.csv into {common.results_path(self.out)}")
+
+    def eval(self) -> None:
+        """bench_eval: a whole split's evaluation, batched vs one row at a time (forget01 in --quick)."""
+        from bench import bench_eval
+
+        self.header("evaluation of a TOFU split: batched vs one row at a time, interleaved")
+        parser = argparse.ArgumentParser()
+        bench_eval.add_arguments(parser)
+        argv = ["--split", "forget01", "--repeats", "1", "--max-new-tokens", "64"] if self.quick else []
+        rows, summary = bench_eval.measure(parser.parse_args(argv))
+        print(summary, flush=True)
+        self.save(rows, "suite quick" if self.quick else "suite")
 
     # ---- all ------------------------------------------------------------------------------------------------
 
