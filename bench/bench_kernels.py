@@ -405,9 +405,13 @@ def check_compile(device: str) -> bool:
     tensors = [inp["h"], p["rotation"], p["weight"], p["bias"], p["gate_weight"], p["gate_bias"]]
     rows = torch.rand(48, device=device) < 0.5
 
+    dout, dgate = inp["dout"].double(), inp["dgate"].double()
+
     def loss_fn(*t):
+        # The loss is summed in float64: inductor reorders an fp32 sum of 12k terms by ~1e-5 relative (seen on
+        # an H200, with the op's outputs bitwise equal and its gradients within 1e-7), which is not the op's error.
         out, gate = K.gated_loreft_triton(*t, rows=rows)
-        return (out * inp["dout"]).sum() + (gate * inp["dgate"]).sum()
+        return (out.double() * dout).sum() + (gate.double() * dgate).sum()
 
     backend = "inductor" if device == "cuda" else "aot_eager"
     compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
