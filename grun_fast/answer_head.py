@@ -107,3 +107,16 @@ def head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> to
         nll = F.cross_entropy(logits, target[answer], reduction="none")
     rows = torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(answer, nll)
     return rows.sum(-1)
+
+
+def logits_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] summed NLL in fp32 of ``target`` [B, T] (-100: unscored) under ``logits`` [B, L, V], ``L <= T``,
+    which belong to the last L positions (``logits_to_keep``); ``target[:, t]`` is the token predicted at t.
+
+    The path for full logits (models outside the answer-head table, or with the answer head off): only the
+    scored positions are lifted to fp32, not the whole [B, L, V] tensor.
+    """
+    target = target[:, target.shape[1] - logits.shape[1]:]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    nll = F.cross_entropy(logits[rows, cols].float(), target[rows, cols], reduction="none")
+    return torch.zeros(target.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grun_fast.answer_head import head_nll, supports_answer_head
+from grun_fast.answer_head import head_nll, logits_nll, supports_answer_head
 from grun_fast.architectures import locate
 from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
 from grun_fast.patching import adapter_modules, adapter_names, edit_at
@@ -87,16 +87,6 @@ def keeps_logits(model: torch.nn.Module) -> bool:
         return False
 
 
-def _logits_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] summed NLL of ``target`` [B, T] from logits of its last ``logits.shape[1]`` positions."""
-    target = target[:, target.shape[1] - logits.shape[1]:]
-    rows_i, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
-    # Only the answer positions are lifted to fp32: the full [B, T, V] logits can be large.
-    token_nll = F.cross_entropy(logits[rows_i, cols].float(), target[rows_i, cols], reduction="none")
-    return torch.zeros(target.shape[0], device=logits.device, dtype=torch.float64).index_add_(
-        0, rows_i, token_nll.double())
-
-
 @torch.no_grad()
 def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
                answer_key: str = "answer", question_key: str = "question", template: str = "plain",
@@ -131,7 +121,7 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[st
             else:
                 keep = {"logits_to_keep": ids.shape[1] - int(batch["edit_pos"].min())} if trims_logits else {}
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
-                sums = _logits_nll(logits, target)
+                sums = logits_nll(logits, target)
         counts = (target != IGNORE_INDEX).sum(-1).clamp_min(1)
         nll[idx] = (sums.double() / counts).cpu().numpy()
         for name, layers in read_gates(gates, batch["edit_pos"]).items():

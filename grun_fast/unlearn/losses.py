@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from grun_fast.answer_head import logits_nll
 from grun_fast.data.encoding import IGNORE_INDEX
 
 METHODS = ("gd", "npo", "idk", "rmu")
@@ -28,12 +29,8 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     ``labels`` are aligned with the input ids (-100 where not scored); token t is predicted by logits at
     t - 1. Computed in fp32 whatever the model's dtype.
     """
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    mask = shift_labels != IGNORE_INDEX
-    return (nll * mask).sum(-1), mask.sum(-1)
+    return logits_nll(logits[:, :-1], shift_labels), (shift_labels != IGNORE_INDEX).sum(-1)
 
 
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor,

@@ -20,10 +20,9 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from grun_fast.answer_head import head_nll, supports_answer_head
+from grun_fast.answer_head import head_nll, logits_nll, supports_answer_head
 from grun_fast.architectures import cache_kwarg, locate, output_cache
 from grun_fast.data.encoding import IGNORE_INDEX
 from grun_fast.patching import edit_at
@@ -232,10 +231,5 @@ class PrefixCache:
                 return head_nll(self.model, hidden, target)
             logits = self.model(input_ids=suffix_ids, attention_mask=attn, position_ids=position_ids,
                                 use_cache=cache is not None, **kwargs).logits
-        return _nll_from_logits(logits, target)
+        return logits_nll(logits, target)
 
-
-def _nll_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(target.shape)
-    return (nll * (target != IGNORE_INDEX)).sum(-1)
