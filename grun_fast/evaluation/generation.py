@@ -74,10 +74,11 @@ class _Decoder:
         if not prompts:
             return out
         queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))   # long prompts first
-        running = self._prefill(prompts, queue[:batch_size], out)
-        if running is None:                    # not a plain DynamicCache: fixed batches via model.generate
+        first = self._prefill(prompts, queue[:batch_size], out)
+        if first is None:                      # not a plain DynamicCache: fixed batches via model.generate
             self._fixed_batches(prompts, queue, batch_size, out, bar)
             return out
+        running = self._merge(None, first)
         queue = queue[batch_size:]
         refill_at = batch_size - max(1, int(batch_size * REFILL_FRACTION))
         while True:
@@ -101,7 +102,8 @@ class _Decoder:
         return result.logits[:, -1].argmax(-1), output_cache(result)
 
     def _prefill(self, prompts, take: list[int], out) -> _Running | None:
-        """Left-padded prefill of ``take`` (None for a model whose cache is not a plain DynamicCache)."""
+        """Left-padded prefill of ``take`` (None for a model whose cache is not a plain DynamicCache); its
+        cache is the model's own, to be joined to the running batch by ``_merge``."""
         batch = pad_examples([{"input_ids": prompts[i], "prompt_len": len(prompts[i])} for i in take],
                              self.pad_id, "left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -112,7 +114,7 @@ class _Decoder:
             return None
         for row, t in zip(take, token.tolist()):
             out[row].append(t)
-        return _Running(list(take), self._cache(kv), mask, token)
+        return _Running(list(take), cache, mask, token)     # the model's own cache: _merge copies it once
 
     def _step(self, running: _Running, out) -> None:
         """One decode step of every running row (the cache grows in place)."""
@@ -156,9 +158,10 @@ class _Decoder:
         return cache
 
     def _merge(self, old: _Running | None, new: _Running) -> _Running:
-        """One batch of both: the shorter side's cache and mask left-padded to the longer's width."""
+        """One batch of both (``new`` fresh from ``_prefill``), in a cache with spare room: the shorter side's
+        cache and mask left-padded to the longer's width."""
         if old is None:
-            return new
+            return _Running(new.rows, self._cache(_plain_kv(new.cache)), new.mask, new.pending)
         width = max(old.mask.shape[1], new.mask.shape[1])
 
         def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
