@@ -269,15 +269,6 @@ def print_table(rows: list[dict]) -> None:
 # ---- correctness check (float64 reference) --------------------------------------------------------------
 
 
-def _ref64(h, R, W, b, logit, rows, threshold):
-    s = torch.sigmoid(logit)
-    edited = h + s.unsqueeze(-1) * ((h @ W.T + b - h @ R.T) @ R)
-    keep = torch.ones_like(s, dtype=torch.bool) if rows is None else rows
-    if threshold is not None:
-        keep = keep & (s >= threshold)
-    return torch.where(keep.unsqueeze(-1), edited, h), s
-
-
 def _safe_threshold(gate: torch.Tensor) -> float:
     """Midpoint of the widest gap between neighbouring gates in the middle half: no row sits near it, so
     the TF32 gate of 16-bit inputs (about 1e-4 off) selects the same rows as the float64 reference."""
@@ -361,7 +352,7 @@ def check(device: str, dtypes: list[str], quick: bool) -> list[dict]:
             def run_ref(ct):
                 leaves = [t.detach().to(ct).requires_grad_() for t in tensors]
                 lg = leaves[0] @ leaves[4] + leaves[5] if gate_kind == "linear" else leaves[4]
-                out, gate = _ref64(*leaves[:4], lg, rows, threshold)
+                out, gate = reference.gated_loreft_logit(*leaves[:4], lg, rows, threshold)
                 torch.autograd.backward([out, gate], [inp["dout"].to(ct), inp["dgate"].to(ct)])
                 return out, gate, [t.grad for t in leaves]
 
