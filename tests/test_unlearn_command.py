@@ -13,16 +13,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TOFU_DIR = Path(os.environ.get("GRUN_TOFU_DIR", ROOT.parent / "shared" / "data" / "tofu"))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
+def write_cli_inputs(folder: Path) -> list[dict]:
+    """A tiny saved model (``folder/model``) and ``forget.jsonl`` / ``retain.jsonl`` beside it; returns the
+    rows (its tokenizer was trained on them)."""
     rows = make_authors(4, 6, seed=2)
     forget, retain = split_by_author(rows, 1, seed=0)
     model, tok = untrained_tiny(rows, hidden_size=32, num_layers=4)
-    model.save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
     for name, data in (("forget", forget), ("retain", retain)):
-        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    write_cli_inputs(tmp)
     return tmp
 
 

@@ -1,6 +1,5 @@
 """Slow end-to-end checks of GRUN training: it forgets on a memorising model, and DDP matches one process."""
 import copy
-import json
 import os
 import shutil
 import socket
@@ -14,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import grun_fast
-from grun_fast.data import load_tofu, make_authors, make_benchmark, split_by_author, tokenize_rows
+from grun_fast.data import load_tofu, make_benchmark, tokenize_rows
 from grun_fast.evaluation.metrics import rouge_l_recall
 from grun_fast.evaluation.generation import generate
 from grun_fast.testing import train_tiny_base, untrained_tiny
 from grun_fast.unlearn import unlearn
+from tests.test_unlearn_command import write_cli_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU_DIR = Path(os.environ.get("GRUN_TOFU_DIR", ROOT.parent / "shared" / "data" / "tofu"))
@@ -78,13 +78,7 @@ def _free_port() -> int:
 
 
 def test_two_cpu_processes_give_the_one_process_adapter(tmp_path):
-    rows = make_authors(4, 6, seed=2)
-    forget, retain = split_by_author(rows, 1, seed=0)
-    model, tok = untrained_tiny(rows, hidden_size=32, num_layers=4)
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    for name, data in (("forget", forget), ("retain", retain)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    rows = write_cli_inputs(tmp_path)
     args = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
             "--retain", str(tmp_path / "retain.jsonl"), "--max-steps", "4", "--batch-size", "8",
             "--layers", "1,3", "--method", "npo", "--no-progress"]
