@@ -95,9 +95,9 @@ def make_inputs(rows: int, d: int, r: int, dtype: torch.dtype, device: str, seed
 def provider_fn(provider: str) -> Callable:
     """(h, R, W, b, wg, c) -> (out, gate) for one provider."""
     if provider == "triton":
-        return K.gated_loreft_triton
+        return lambda *a: functional.gated_loreft(*a, impl="triton")
     if provider == "triton-det":
-        return lambda *a: K.gated_loreft_triton(*a, deterministic=True)
+        return lambda *a: functional.gated_loreft(*a, impl="triton", deterministic=True)
     if provider == "torch":
         return lambda *a: functional.gated_loreft(*a, impl="torch")
     if provider == "reference":
@@ -122,6 +122,14 @@ def make_step(provider: str, mode: str, inputs: dict, fn: Callable | None = None
     order = ("rotation", "weight", "bias", "gate_weight", "gate_bias")
     if mode == "fwd":
         args = (h, *(p[k] for k in order))
+        if provider in ("triton", "torch"):  # inference as the module runs it: parameters folded once
+            folded = functional.fold(*args[1:], h.dtype)
+
+            def step():
+                with torch.no_grad():
+                    return functional.forward_folded(h, folded, impl=provider)
+
+            return step
 
         def step():
             with torch.no_grad():
@@ -344,8 +352,8 @@ def check(device: str, dtypes: list[str], quick: bool) -> list[dict]:
 
             def run_kernel(deterministic=det):
                 leaves = [t.detach().clone().requires_grad_() for t in tensors]
-                fn = K.gated_loreft_triton if gate_kind == "linear" else K.gated_loreft_logit_triton
-                out, gate = fn(*leaves, rows=rows, gate_threshold=threshold, deterministic=deterministic)
+                fn = functional.gated_loreft if gate_kind == "linear" else functional.gated_loreft_logit
+                out, gate = fn(*leaves, rows, gate_threshold=threshold, impl="triton", deterministic=deterministic)
                 torch.autograd.backward([out, gate], [inp["dout"], inp["dgate"]])
                 return out, gate, [t.grad for t in leaves]
 
@@ -401,7 +409,7 @@ def check_compile(device: str) -> bool:
     def loss_fn(*t):
         # The loss is summed in float64: inductor reorders an fp32 sum of 12k terms by ~1e-5 relative (seen on
         # an H200, with the op's outputs bitwise equal and its gradients within 1e-7), which is not the op's error.
-        out, gate = K.gated_loreft_triton(*t, rows=rows)
+        out, gate = functional.gated_loreft(*t, rows, impl="triton")
         return (out.double() * dout).sum() + (gate.double() * dgate).sum()
 
     backend = "inductor" if device == "cuda" else "aot_eager"

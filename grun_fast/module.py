@@ -71,53 +71,51 @@ class GatedLoReFT(nn.Module):
         """Return (edited h, gate per row); also keeps the gate in `last_gate`."""
         if h.shape[-1] != self.hidden_size:
             raise GRUNError(f"hidden states have size {h.shape[-1]}, this module expects {self.hidden_size}")
-        threshold = self.gate_threshold
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            out, gate = self._edit(self.orthonormal_rotation(), h, rows, threshold, impl)
+            out, gate = self._train_forward(h, rows, impl)
         else:
-            out, gate = self._cached_forward(h, rows, threshold, impl)
+            logit = None if self.gate_kind == "linear" else self._gate_logit(h)
+            out, gate = functional.forward_folded(h, self.folded(h.dtype, h.device), gate_logit=logit, rows=rows,
+                                                  gate_threshold=self.gate_threshold, impl=impl)
         self.last_gate = gate
         return out, gate
 
-    def _gate_logit(self, h: torch.Tensor, linear_gate_folded: bool) -> torch.Tensor | None:
-        if self.gate_kind == "linear" and linear_gate_folded:
-            return None
+    def _gate_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP gate's logit [...], in the dtype of `h`."""
         x = h
         for layer in self.gate:
             x = F.linear(x, layer.weight.to(h.dtype), layer.bias.to(h.dtype)) if isinstance(layer, nn.Linear) else layer(x)
         return x.squeeze(-1)
 
-    def _edit(self, rotation, h, rows, threshold, impl):
-        """The functional op on the module's parameters with a given orthonormal R."""
+    def _train_forward(self, h, rows, impl):
+        """The differentiable op on the module's parameters (R re-orthonormalised every call)."""
+        rotation = self.orthonormal_rotation()
         if self.gate_kind == "linear":
             return functional.gated_loreft(
                 h, rotation, self.weight, self.bias, self.gate.weight.reshape(-1), self.gate.bias,
-                rows, gate_threshold=threshold, impl=impl,
+                rows, gate_threshold=self.gate_threshold, impl=impl,
             )
         return functional.gated_loreft_logit(
-            h, rotation, self.weight, self.bias, self._gate_logit(h, False), rows,
-            gate_threshold=threshold, impl=impl,
+            h, rotation, self.weight, self.bias, self._gate_logit(h), rows,
+            gate_threshold=self.gate_threshold, impl=impl,
         )
 
-    def _cached_forward(self, h, rows, threshold, impl):
-        rotation, folded = self._folded(h.dtype, h.device)
-        if functional.resolve_impl(impl, h) == "triton":
-            return self._edit(rotation, h, rows, threshold, "triton")
-        logit = self._gate_logit(h, True)
-        return functional.gated_loreft_folded(h, folded, gate_logit=logit, rows=rows, gate_threshold=threshold)
-
     @torch.no_grad()
-    def _folded(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, functional.Folded]:
-        """Orthonormal R and folded parameters, rebuilt only when a parameter changed (inference)."""
-        key = (dtype, device, tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
+    def folded(self, dtype: torch.dtype, device: torch.device) -> functional.Folded:
+        """Orthonormal R and the folded parameters for inference: the one fold cache, rebuilt when a parameter
+        changes (version counter, storage or identity). Inference tensors (parameters made or replaced under
+        torch.inference_mode) carry no version counter: they are folded afresh on every call."""
+        params = list(self.parameters())
+        if any(p.is_inference() for p in params):
+            return self._fold(dtype)
+        key = (functional.parameter_dtype(dtype), device, tuple((id(p), p.data_ptr(), p._version) for p in params))
         if self._cache is None or self._cache[0] != key:
-            rotation = self.orthonormal_rotation()
-            if self.gate_kind == "linear":
-                folded = functional.fold(rotation, self.weight, self.bias, self.gate.weight.reshape(-1), self.gate.bias, dtype)
-            else:
-                folded = functional.fold(rotation, self.weight, self.bias, None, None, dtype)
-            self._cache = (key, rotation, folded)
-        return self._cache[1], self._cache[2]
+            self._cache = (key, self._fold(dtype))
+        return self._cache[1]
+
+    def _fold(self, dtype: torch.dtype) -> functional.Folded:
+        gate = (self.gate.weight.reshape(-1), self.gate.bias) if self.gate_kind == "linear" else (None, None)
+        return functional.fold(self.orthonormal_rotation(), self.weight, self.bias, *gate, dtype)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, rank={self.rank}, gate={self.gate_kind}"

@@ -23,19 +23,17 @@ buffer (default) or, with deterministic=True, into one buffer per program (each 
 contiguous range of row blocks), summed afterwards by torch in a fixed order.
 
 Kernels are wrapped lazily and use only Triton builtins: CUDA tensors get them compiled, CPU tensors run
-them in the Triton interpreter, whenever triton was first imported. The public entry points take the
-kernel path for CUDA tensors, and for CPU tensors only under TRITON_INTERPRET=1; float64, rank > 127 and
-CPU without the interpreter dispatch to the same folded math in PyTorch (`_torch_forward` /
-`_torch_backward`), the path `torch.autograd.gradcheck` exercises.
+them in the Triton interpreter, whenever triton was first imported. `grun_fast.functional` validates the
+inputs, folds the parameters and decides when the kernels run (fp32/bf16/fp16 up to rank 127, CUDA or
+CPU under TRITON_INTERPRET=1); everything else takes its PyTorch path, the only other implementation.
 
-Public entry points: `gated_loreft_triton` (linear gate) and `gated_loreft_logit_triton` (MLP gate), both
-differentiable custom ops (`torch.library.custom_op`) that trace under `torch.compile` without graph breaks.
+Entry points: `forward_folded` (inference on parameters folded once), and `gated_loreft_triton` /
+`gated_loreft_logit_triton` (linear / given-logit gate), differentiable custom ops
+(`torch.library.custom_op`) that trace under `torch.compile` without graph breaks.
 """
 from __future__ import annotations
 
 import os
-import weakref
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -44,8 +42,6 @@ import triton.language as tl
 
 from grun_fast.errors import GRUNError
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RANK = 127  # r + 1 <= 128 accumulator columns; beyond it the PyTorch path runs
 # Deterministic backward keeps one fp32 partial per program; cap their total size.
 DETERMINISTIC_WORKSPACE_BYTES = 256 * 2**20
 # Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128}.
@@ -364,19 +360,6 @@ def _flat_rows(h: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fold_parameters(rotation, weight, bias, gate_weight=None, gate_bias=None, dtype=torch.float32):
-    """(ag, rot, bias_ext): ag = [W - R; w_g] (or W - R without a linear gate), R, [b; c] (or b), contiguous
-    in `dtype` (fp32 for the kernels)."""
-    pt = dtype
-    rot = rotation.to(pt).contiguous()
-    rows = [weight.to(pt) - rot]
-    biases = [bias.to(pt).reshape(-1)]
-    if gate_weight is not None:
-        rows.append(gate_weight.to(pt).reshape(1, -1))
-        biases.append(gate_bias.to(pt).reshape(1))
-    return torch.cat(rows).contiguous(), rot, torch.cat(biases).contiguous()
-
-
 def _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace):
     """(grid, positional args, constexpr kwargs, num_warps) of one forward launch."""
     n, d = h.shape
@@ -409,7 +392,7 @@ def forward_2d(
     gate: Optional[torch.Tensor] = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on h [n, d] with parameters from `fold_parameters`.
+    """Launch the forward kernel on h [n, d] with parameters from `grun_fast.functional.fold` (fp32).
 
     `logit` [n] fp32 is given for the logit (MLP) gate, None for the linear gate (then `ag` has r + 1 rows).
     `rows` is an int8 mask [n] or None. `out`/`gate` may be preallocated (every element is written);
@@ -513,122 +496,44 @@ def backward_2d(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The same folded math in PyTorch (float64, and CPU without the interpreter); gradcheck runs through it
+# Entry points. Inputs are validated by grun_fast.functional (the op's one validation), which also decides
+# that the kernels apply (fp32/bf16/fp16, rank <= 127, CUDA or the interpreter).
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _edit_mask(gate: torch.Tensor, rows: Optional[torch.Tensor], threshold: Optional[float]) -> torch.Tensor:
-    keep = torch.ones_like(gate, dtype=torch.bool) if rows is None else rows.to(torch.bool)
-    if threshold is not None:
-        keep = keep & (gate >= threshold)
-    return keep
+def _fold(rotation, weight, bias, gate_weight, gate_bias):
+    from grun_fast.functional import fold
+
+    with torch.no_grad():
+        return fold(rotation, weight, bias, gate_weight, gate_bias, torch.float32)
 
 
-def _torch_forward(h, ag, rot, bias, logit, rows, threshold):
-    ct = torch.float64 if h.dtype == torch.float64 else torch.float32
-    r = rot.shape[0]
-    hc = h.to(ct)
-    pa = hc @ ag.to(ct).T + bias.to(ct)
-    a = pa[:, r] if logit is None else logit.to(ct)
-    s = torch.sigmoid(a)
-    keep = _edit_mask(s, rows, threshold)
-    new = (hc + (s[:, None] * pa[:, :r]) @ rot.to(ct)).to(h.dtype)
-    return torch.where(keep[:, None], new, h).contiguous(), s
-
-
-def _torch_backward(h, dout, dgate, ag, rot, bias, logit, rows, threshold):
-    ct = torch.float64 if h.dtype == torch.float64 else torch.float32
-    r = rot.shape[0]
-    hc, y, agc = h.to(ct), dout.to(ct), ag.to(ct)
-    pa = hc @ agc.T + bias.to(ct)
-    p = pa[:, :r]
-    a = pa[:, r] if logit is None else logit.to(ct)
-    s = torch.sigmoid(a)
-    keep = _edit_mask(s, rows, threshold).to(ct)
-    q = y @ rot.to(ct).T
-    ds = (q * p).sum(-1) * keep
-    if dgate is not None:
-        ds = ds + dgate.to(ct)
-    da = ds * s * torch.sigmoid(-a)
-    dp = q * (s * keep)[:, None]
-    sp = p * (s * keep)[:, None]
-    dpa = dp if logit is not None else torch.cat([dp, da[:, None]], 1)
-    g1 = dpa.T @ hc
-    return {
-        "dh": (y + dpa @ agc).to(h.dtype),
-        "dA": g1[:r].clone(),  # clones: custom-op outputs must not alias each other
-        "dR": sp.T @ y - g1[:r],
-        "db": dp.sum(0),
-        "dwg": None if logit is not None else g1[r].clone(),
-        "dc": None if logit is not None else da.sum(),
-        "dlogit": da if logit is not None else None,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Dispatch and custom ops
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _use_kernel(h: torch.Tensor, rank: int) -> bool:
-    """The fused kernels for fp32/bf16/fp16 up to rank MAX_RANK on CUDA (or CPU under the interpreter);
-    otherwise the same math in PyTorch."""
-    if h.dtype not in KERNEL_DTYPES or rank > MAX_RANK:
-        return False
-    return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_FOLD_CACHE: "OrderedDict[tuple, tuple[list, tuple]]" = OrderedDict()
-_FOLD_CACHE_SIZE = 64  # adapters (layers x names) whose folded parameters are kept for inference
-
-
-def _folded(pt, rotation, weight, bias, gate_weight, gate_bias, cache: bool):
-    """fold_parameters, memoised for inference: keyed on identity, storage and version counter of every
-    parameter (an optimizer step or a `.data` swap misses), validated through weak references."""
-    if not cache:
-        return fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
-    params = [t for t in (rotation, weight, bias, gate_weight, gate_bias) if t is not None]
-    try:
-        key = (pt, gate_weight is None) + tuple((id(t), t.data_ptr(), t._version) for t in params)
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
-    hit = _FOLD_CACHE.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], params)):
-        _FOLD_CACHE.move_to_end(key)
-        return hit[1]
-    value = fold_parameters(rotation, weight, bias, gate_weight, gate_bias, dtype=pt)
-    _FOLD_CACHE[key] = ([weakref.ref(t) for t in params], value)
-    while len(_FOLD_CACHE) > _FOLD_CACHE_SIZE:
-        _FOLD_CACHE.popitem(last=False)
-    return value
-
-
-def _prep(h, rotation, weight, bias, gate_weight, gate_bias, logit, rows, cache=False):
-    """h as [n, d], the folded parameters (fp32, or float64 for float64 h), logit and rows flattened."""
-    pt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    ag, rot, bias_ext = _folded(pt, rotation, weight, bias, gate_weight, gate_bias, cache)
-    logit2 = None if logit is None else logit.reshape(-1).to(pt).contiguous()
+def _prep(h, rows, logit):
+    logit2 = None if logit is None else logit.reshape(-1).to(torch.float32).contiguous()
     rows2 = None if rows is None else rows.reshape(-1).contiguous().view(torch.int8)  # bool -> int8, no copy
-    return _flat_rows(h), ag, rot, bias_ext, logit2, rows2
+    return _flat_rows(h), logit2, rows2
 
 
-def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold, cache=False):
-    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows, cache)
-    if _use_kernel(h, rotation.shape[0]):
-        out, gate = forward_2d(h2, ag, rot, bias_ext, logit2, rows2, threshold)
-    else:
-        out, gate = _torch_forward(h2, ag, rot, bias_ext, logit2, rows2, threshold)
+def forward_folded(h: torch.Tensor, folded, logit: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                   threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: one forward launch on parameters folded once (`grun_fast.functional.Folded`, fp32)."""
+    h2, logit2, rows2 = _prep(h, rows, logit)
+    out, gate = forward_2d(h2, folded.matrix, folded.rotation, folded.bias, logit2, rows2, threshold)
     return out.reshape(h.shape), gate.reshape(h.shape[:-1])
 
 
+def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
+    folded = _fold(rotation, weight, bias, wg, c)
+    return forward_folded(h, folded, logit, rows, threshold)
+
+
 def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, threshold, deterministic):
-    h2, ag, rot, bias_ext, logit2, rows2 = _prep(h, rotation, weight, bias, wg, c, logit, rows)
+    folded = _fold(rotation, weight, bias, wg, c)
+    h2, logit2, rows2 = _prep(h, rows, logit)
     y2 = _flat_rows(dout)
-    g2 = None if dgate is None else dgate.reshape(-1).to(_gate_dtype(h)).contiguous()
-    if _use_kernel(h, rotation.shape[0]):
-        g = backward_2d(h2, y2, g2, ag, rot, bias_ext, logit2, rows2, threshold, deterministic)
-    else:
-        g = _torch_backward(h2, y2, g2, ag, rot, bias_ext, logit2, rows2, threshold)
+    g2 = None if dgate is None else dgate.reshape(-1).to(torch.float32).contiguous()
+    g = backward_2d(h2, y2, g2, folded.matrix, folded.rotation, folded.bias, logit2, rows2, threshold,
+                    deterministic)
     return (
         g["dh"].reshape(h.shape),
         g["dR"].to(rotation.dtype),
@@ -636,11 +541,6 @@ def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, thresh
         g["db"].to(bias.dtype).reshape(bias.shape),
         g,
     )
-
-
-def _gate_dtype(h: torch.Tensor) -> torch.dtype:
-    """The gate is fp32, float64 for float64 inputs (so gradcheck sees an exact gate)."""
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("grun_fast::gated_loreft_fwd", mutates_args=())
@@ -685,16 +585,18 @@ def _op_logit_bwd(
     return dh, d_rot, d_w, d_b, d_logit
 
 
+def _fake_out(h):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1], dtype=torch.float32)
+
+
 @_op_fwd.register_fake
 def _(h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, deterministic):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1],
-                                                                                   dtype=_gate_dtype(h))
+    return _fake_out(h)
 
 
 @_op_logit_fwd.register_fake
 def _(h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1],
-                                                                                   dtype=_gate_dtype(h))
+    return _fake_out(h)
 
 
 @_op_bwd.register_fake
@@ -739,91 +641,11 @@ _op_fwd.register_autograd(_backward_linear, setup_context=_setup_context)
 _op_logit_fwd.register_autograd(_backward_logit, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Public API (the contract functional.py calls)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check(h, rotation, weight, bias, rows, gate_threshold):
-    if h.dim() < 1 or h.shape[-1] == 0:
-        raise GRUNError(f"h must be [..., d] with d > 0, got shape {tuple(h.shape)}")
-    if not (h.is_floating_point()):
-        raise GRUNError(f"h must be a floating tensor, got {h.dtype}")
-    d = h.shape[-1]
-    if rotation.dim() != 2 or rotation.shape[1] != d:
-        raise GRUNError(f"rotation must be [r, {d}], got {tuple(rotation.shape)}")
-    r = rotation.shape[0]
-    if r < 1:
-        raise GRUNError(f"rank r must be at least 1, got {r}")
-    if tuple(weight.shape) != (r, d):
-        raise GRUNError(f"weight must be [{r}, {d}] like rotation, got {tuple(weight.shape)}")
-    if bias.numel() != r:
-        raise GRUNError(f"bias must have {r} elements, got shape {tuple(bias.shape)}")
-    if rows is not None and tuple(rows.shape) != tuple(h.shape[:-1]):
-        raise GRUNError(f"rows must have shape {tuple(h.shape[:-1])} (h without its last dim), got "
-                        f"{tuple(rows.shape)}")
-    if rows is not None and rows.is_floating_point():
-        raise GRUNError(f"rows must be a bool (or integer) mask, got {rows.dtype}")
-    if gate_threshold is not None and not 0.0 <= float(gate_threshold) <= 1.0:
-        raise GRUNError(f"gate_threshold must be in [0, 1], got {gate_threshold}")
-    for name, t in (("rotation", rotation), ("weight", weight), ("bias", bias), ("rows", rows)):
-        if t is not None and t.device != h.device:
-            raise GRUNError(f"{name} is on {t.device} but h is on {h.device}")
-
-
-def _no_autograd(*tensors: torch.Tensor) -> bool:
-    """Inference outside torch.compile: call the implementation directly, skipping the custom-op
-    dispatcher, and reuse folded parameters (host overhead is most of the cost at a few rows)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def gated_loreft_triton(
-    h: torch.Tensor,
-    rotation: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor,
-    rows: Optional[torch.Tensor] = None,
-    gate_threshold: Optional[float] = None,
-    deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated LoReFT with a linear gate through the fused kernels; returns (out [..., d] in h.dtype, gate fp32).
-
-    Differentiable in h, rotation, weight, bias, gate_weight, gate_bias (the gate output's gradient flows
-    too). `deterministic=True` makes the weight gradients bitwise reproducible.
-    """
-    _check(h, rotation, weight, bias, rows, gate_threshold)
-    d = h.shape[-1]
-    if gate_weight.numel() != d:
-        raise GRUNError(f"gate_weight must have {d} elements, got shape {tuple(gate_weight.shape)}")
-    if gate_bias.numel() != 1:
-        raise GRUNError(f"gate_bias must be a scalar ([] or [1]), got shape {tuple(gate_bias.shape)}")
-    threshold = None if gate_threshold is None else float(gate_threshold)
-    rows = None if rows is None else rows.to(torch.bool)
-    if _no_autograd(h, rotation, weight, bias, gate_weight, gate_bias):
-        return _fwd_impl(h, rotation, weight, bias, gate_weight, gate_bias, None, rows, threshold, cache=True)
+def gated_loreft_triton(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, deterministic):
+    """The differentiable custom op, linear gate (inputs validated by `grun_fast.functional.gated_loreft`)."""
     return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, bool(deterministic))
 
 
-def gated_loreft_logit_triton(
-    h: torch.Tensor,
-    rotation: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    gate_logit: torch.Tensor,
-    rows: Optional[torch.Tensor] = None,
-    gate_threshold: Optional[float] = None,
-    deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated LoReFT whose gate logit [...] comes from the caller (the MLP gate); differentiable in it."""
-    _check(h, rotation, weight, bias, rows, gate_threshold)
-    if tuple(gate_logit.shape) != tuple(h.shape[:-1]):
-        raise GRUNError(f"gate_logit must have shape {tuple(h.shape[:-1])}, got {tuple(gate_logit.shape)}")
-    threshold = None if gate_threshold is None else float(gate_threshold)
-    rows = None if rows is None else rows.to(torch.bool)
-    if _no_autograd(h, rotation, weight, bias, gate_logit):
-        return _fwd_impl(h, rotation, weight, bias, None, None, gate_logit, rows, threshold, cache=True)
+def gated_loreft_logit_triton(h, rotation, weight, bias, gate_logit, rows, threshold, deterministic):
+    """The differentiable custom op, given gate logit (inputs validated by `functional.gated_loreft_logit`)."""
     return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows, threshold, bool(deterministic))

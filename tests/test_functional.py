@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from grun_fast import functional, reference
+from grun_fast.errors import GRUNError
 from grun_fast.module import orthonormalize
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
@@ -109,3 +110,32 @@ def test_triton_dispatch_matches_torch_path(monkeypatch, gate):
     assert rel(o2, o1) < 1e-5 and rel(g2, g1) < 1e-5 and rel(dh2, dh1) < 1e-5
     for a, b in zip(dp2, dp1):
         assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rows_mask_is_validated_the_same_on_every_path(monkeypatch, impl):
+    """A float mask is rejected (the PyTorch path used to apply it as a weight), a wrong shape is named."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    h = torch.randn(3, 4, 16)
+    p = params(16, 2)
+    with pytest.raises(GRUNError, match="bool"):
+        functional.gated_loreft(h, *p, rows=torch.ones(3, 4), impl=impl)
+    with pytest.raises(GRUNError, match=r"rows must have shape \(3, 4\)"):
+        functional.gated_loreft(h, *p, rows=torch.ones(4, 3, dtype=torch.bool), impl=impl)
+    with pytest.raises(GRUNError, match="gate_threshold"):
+        functional.gated_loreft(h, *p, gate_threshold="abc", impl=impl)
+    rows = torch.tensor([[1, 0, 0, 2]] * 3)  # integer masks: nonzero = edit
+    out, _ = functional.gated_loreft(h, *p, rows=rows, impl=impl)
+    assert torch.equal(out[:, 1:3], h[:, 1:3]) and not torch.equal(out[:, 0], h[:, 0])
+
+
+def test_inference_and_training_paths_agree():
+    """No autograd: the parameters are folded once and the folded forward runs; with autograd the same
+    math runs differentiably. Both give the same numbers."""
+    h = torch.randn(5, 3, 40)
+    p = [t.clone().requires_grad_() for t in params(40, 3)]
+    trained, gate_t = functional.gated_loreft(h, *p, impl="torch")
+    with torch.no_grad():
+        inferred, gate_i = functional.gated_loreft(h, *p, impl="torch")
+    assert trained.requires_grad and not inferred.requires_grad
+    assert torch.equal(trained.detach(), inferred) and torch.equal(gate_t.detach(), gate_i)

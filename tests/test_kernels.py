@@ -10,11 +10,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grun_fast import functional
 from grun_fast.errors import GRUNError
 from grun_fast.kernels import gated_loreft as K
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 NAMES = ("h", "rotation", "weight", "bias", "gate_weight", "gate_bias")
+
+
+def triton_op(*tensors, rows=None, gate_threshold=None, deterministic=False):
+    """The op through its public entry point, forced onto the kernels (linear gate: 6 tensors; logit: 5)."""
+    fn = functional.gated_loreft if len(tensors) == 6 else functional.gated_loreft_logit
+    return fn(*tensors, rows, gate_threshold=gate_threshold, impl="triton", deterministic=deterministic)
+
+
+def folded(R, W, b, wg, c):
+    f = functional.fold(R, W, b, wg, c, torch.float32)
+    return f.matrix, f.rotation, f.bias
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,9 +142,12 @@ def test_linear_gate_matches_float64(shape, d, r, dtype, use_rows, use_thresh, d
     dgate = torch.randn(shape)
 
     leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
-    out, gate = K.gated_loreft_triton(*leaves, rows=rows, gate_threshold=threshold, deterministic=det)
+    out, gate = triton_op(*leaves, rows=rows, gate_threshold=threshold, deterministic=det)
     assert out.dtype == dtype and out.shape == h.shape
     assert gate.dtype == torch.float32 and gate.shape == shape
+    with torch.no_grad():  # inference: parameters folded once, the same forward kernel, no custom op
+        inf_out, inf_gate = triton_op(h, R, W, b, wg, c, rows=rows, gate_threshold=threshold)
+    assert torch.equal(inf_out, out) and torch.equal(inf_gate, gate)
     ((out.float() * dout.float()).sum() + (gate * dgate).sum()).backward()
 
     r_out, r_gate, r_grads = ref_grads(
@@ -168,7 +183,7 @@ def test_logit_gate_matches_float64(r):
     rows = torch.rand(shape) < 0.6
     dout, dgate = torch.randn(*shape, d), torch.randn(shape)
     leaves = [t.clone().requires_grad_() for t in (h, R, W, b, logit)]
-    out, gate = K.gated_loreft_logit_triton(*leaves, rows=rows, deterministic=(r == 4))
+    out, gate = triton_op(*leaves, rows=rows, deterministic=(r == 4))
     ((out * dout).sum() + (gate * dgate).sum()).backward()
     r_out, r_gate, r_grads = ref_grads((h, R, W, b, logit), lambda t: t[4], rows, None, dout, dgate)
     assert rel(out, r_out) < 1e-5 and rel(gate, r_gate) < 1e-5
@@ -184,7 +199,7 @@ def test_logit_gate_matches_float64(r):
 def test_poisoned_buffers_are_fully_overwritten():
     n, d, r = 45, 100, 4
     h, R, W, b, wg, c = make((n,), d, r, torch.bfloat16)
-    ag, rot, bias = K.fold_parameters(R, W, b, wg, c)
+    ag, rot, bias = folded(R, W, b, wg, c)
     rows = (torch.rand(n) < 0.5).to(torch.int8)
     out = torch.full((n, d), float("nan"), dtype=h.dtype)
     gate = torch.full((n,), float("nan"))
@@ -205,7 +220,7 @@ def test_poisoned_buffers_are_fully_overwritten():
 def test_inplace_writes_only_edited_rows():
     n, d, r = 40, 64, 4
     h, R, W, b, wg, c = make((n,), d, r, torch.float32)
-    ag, rot, bias = K.fold_parameters(R, W, b, wg, c)
+    ag, rot, bias = folded(R, W, b, wg, c)
     rows = torch.zeros(n, dtype=torch.int8)
     rows[3] = rows[17] = 1  # rows 32..39 (the last block) have no edit at all
     want, want_gate = K.forward_2d(h, ag, rot, bias, None, rows, None)
@@ -225,7 +240,7 @@ def test_deterministic_mode_is_bitwise_reproducible():
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
-        out, gate = K.gated_loreft_triton(*leaves, deterministic=True)
+        out, gate = triton_op(*leaves, deterministic=True)
         ((out * dout).sum() + (gate * dgate).sum()).backward()
         grads.append([t.grad for t in leaves])
     for name, g1, g2 in zip(NAMES, *grads):
@@ -239,16 +254,16 @@ def test_deterministic_mode_is_bitwise_reproducible():
 # ---- autograd through the float64 (reference-dispatch) path, torch.compile, errors -----------------------
 
 
-def test_gradcheck_float64():
-    h, R, W, b, wg, c = (t.double().requires_grad_() for t in make((5,), 7, 2, torch.float64))
-    rows = torch.tensor([True, False, True, True, True])
-
-    def f_lin(*t):
-        return K.gated_loreft_triton(*t, rows=rows, gate_threshold=0.01)
-
-    assert torch.autograd.gradcheck(f_lin, (h, R, W, b, wg, c))
-    logit = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: K.gated_loreft_logit_triton(*t, rows=rows), (h, R, W, b, logit))
+def test_inputs_the_kernels_do_not_take_go_to_pytorch_or_fail_clearly():
+    """float64 and rank > 127 never reach the kernels: impl='triton' says so, impl='auto' runs PyTorch."""
+    h, R, W, b, wg, c = make((5,), 7, 2, torch.float64, param_dtype=torch.float64)
+    with pytest.raises(GRUNError, match="fp32/bf16/fp16"):
+        triton_op(h, R, W, b, wg, c)
+    assert functional.resolve_impl("auto", h, 2) == "torch"
+    h32 = torch.randn(3, 200)
+    with pytest.raises(GRUNError, match="rank <= 127"):
+        functional.resolve_impl("triton", h32, 128)
+    assert functional.resolve_impl("triton", h32, 127) == "triton"
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -257,7 +272,7 @@ def test_torch_compile_fullgraph_matches_eager():
     dout = torch.randn(12, 40)
 
     def step(h, R, W, b, wg, c):
-        out, gate = K.gated_loreft_triton(h, R, W, b, wg, c, rows=rows)
+        out, gate = triton_op(h, R, W, b, wg, c, rows=rows)
         return (out * dout).sum() + gate.square().sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -274,15 +289,17 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_bad_input_is_rejected_before_work():
     h, R, W, b, wg, c = make((4,), 16, 2, torch.float32)
     with pytest.raises(GRUNError, match="rotation"):
-        K.gated_loreft_triton(h, R[:, :8], W, b, wg, c)
+        triton_op(h, R[:, :8], W, b, wg, c)
     with pytest.raises(GRUNError, match="weight"):
-        K.gated_loreft_triton(h, R, W[:1], b, wg, c)
+        triton_op(h, R, W[:1], b, wg, c)
     with pytest.raises(GRUNError, match="gate_weight"):
-        K.gated_loreft_triton(h, R, W, b, wg[:3], c)
+        triton_op(h, R, W, b, wg[:3], c)
     with pytest.raises(GRUNError, match="rows"):
-        K.gated_loreft_triton(h, R, W, b, wg, c, rows=torch.ones(5, dtype=torch.bool))
+        triton_op(h, R, W, b, wg, c, rows=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(GRUNError, match="bool"):
+        triton_op(h, R, W, b, wg, c, rows=torch.ones(4))
     with pytest.raises(GRUNError, match="gate_logit"):
-        K.gated_loreft_logit_triton(h, R, W, b, torch.zeros(3))
+        triton_op(h, R, W, b, torch.zeros(3))
 
 
 def test_cuda_path_compiles_for_sm90_without_spills():
@@ -303,24 +320,11 @@ def test_cuda_path_compiles_for_sm90_without_spills():
         assert usage["stack"] == 0 and usage["local"] == 0, (compiled.name, usage)  # no register spills
 
 
-def test_inference_reuses_folded_parameters_until_they_change():
-    h, R, W, b, wg, c = make((6,), 32, 2, torch.float32)
-    with torch.no_grad():
-        first, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
-        again, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
-        assert torch.equal(first, again)
-        W.add_(0.5)  # an optimizer-style in-place update must not be served from the cache
-        changed, _ = K.gated_loreft_triton(h, R, W, b, wg, c)
-    want, _ = ref_out(h.double(), R.double(), W.double(), b.double(), h.double() @ wg.double() + c.double(),
-                      None, None)
-    assert not torch.equal(changed, first) and rel(changed, want) < 1e-5
-
-
 def test_expanded_upstream_gradients():
     """out.sum() hands the backward a stride-0 gradient; the kernels read it through its strides."""
     h, R, W, b, wg, c = make((3, 5), 40, 3, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (h, R, W, b, wg, c)]
-    out, gate = K.gated_loreft_triton(*leaves)
+    out, gate = triton_op(*leaves)
     (out.sum() + gate.sum()).backward()
     _, _, want = ref_grads((h, R, W, b, wg, c), lambda t: t[0] @ t[4] + t[5], None, None,
                            torch.ones(3, 5, 40), torch.ones(3, 5))

@@ -25,13 +25,12 @@ def test_inference_cache_is_rebuilt_when_a_parameter_changes():
     h = torch.randn(4, 16)
     with torch.no_grad():
         first, _ = module(h)
-        assert module._cache is not None
-        cached = module._cache[1]
+        cached = module.folded(h.dtype, h.device)
         again, _ = module(h)
-        assert module._cache[1] is cached and torch.equal(first, again)
+        assert module.folded(h.dtype, h.device) is cached and torch.equal(first, again)
         module.weight.add_(1.0)
         changed, _ = module(h)
-    assert module._cache[1] is not cached or not torch.equal(first, changed)
+        assert module.folded(h.dtype, h.device) is not cached
     assert not torch.equal(first, changed)
     with torch.no_grad():
         module.weight.sub_(1.0)
@@ -74,3 +73,20 @@ def test_mlp_gate_logit_path():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(GRUNError, match=match):
         GatedLoReFT(16, **kwargs)
+
+
+def test_module_made_under_inference_mode_serves_and_follows_updates():
+    """Serving code loads adapters inside torch.inference_mode: parameters are then inference tensors with
+    no version counter, so nothing may be cached on one (an in-place update must still be seen)."""
+    h = torch.randn(3, 16)
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        module = GatedLoReFT(16, rank=2)
+        first, _ = module(h)
+        module.weight.add_(1.0)  # allowed on inference tensors inside inference mode
+        changed, _ = module(h)
+    want, _ = reference.gated_loreft(h.double(), module.orthonormal_rotation().double(), module.weight.double(),
+                                     module.bias.double(), module.gate.weight.double().reshape(-1),
+                                     module.gate.bias.double())
+    assert not torch.equal(first, changed)
+    assert torch.allclose(changed.double(), want, rtol=1e-5, atol=1e-6)
