@@ -37,7 +37,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13"],
+        "gguf": ["gguf>=0.10"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["grun-fast=grun_fast.cli:main"]},
 )

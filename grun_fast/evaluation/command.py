@@ -21,7 +21,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model folder (or hub name)")
+    from grun_fast.models import MODEL_HELP
+
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="GRUN adapter folder; repeat to stack several (applied in the order given)")
     parser.add_argument("--data", default=None,
@@ -115,22 +117,16 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode on ``device``, tokenizer) from a Hugging Face folder or hub name."""
+    """(model in eval mode on ``device``, tokenizer) from a folder, hub name, .gguf file or short name."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grun_fast.models import load_model as _load
 
     device = resolve_device(device)
     if dtype == "auto":
         use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise GRUNError(f"cannot load the model at {path}: {e}") from None
-    return model.to(device).eval(), tokenizer
+        dtype = "bfloat16" if use_bf16 else "float32"
+    return _load(path, dtype=dtype, device=device)
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from grun_fast.errors import GRUNError
+from grun_fast.models import MODEL_HELP
 from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.losses import METHODS
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     d = UnlearnConfig()
     io = parser.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="Hugging Face model folder or hub name (its tokenizer too)")
+    io.add_argument("--model", required=True, help=MODEL_HELP + "; its tokenizer too")
     io.add_argument("--tokenizer", help="tokenizer folder if not the model's")
     io.add_argument("--forget", required=True,
                     help="rows to forget: a .jsonl/.json/.csv file (question, answer), a .txt/.md document or "
@@ -157,14 +158,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from grun_fast.models import load_model
 
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    except (OSError, ValueError) as e:
-        raise GRUNError(f"could not load the model or tokenizer from {args.model}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return model, tokenizer
+    return load_model(args.model, dtype=args.dtype, device=None, tokenizer=args.tokenizer)
