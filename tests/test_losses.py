@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, idk_forget_loss, masked_mse,
-                                      npo_loss, rmu_control_vector, rmu_forget_loss, rmu_retain_loss,
+from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, gd_forget_loss_from_nll,
+                                      idk_forget_loss, idk_forget_loss_from_nll, masked_mse, mean_nll, npo_loss,
+                                      retain_loss_from_nll, rmu_control_vector, rmu_forget_loss, rmu_retain_loss,
                                       token_mean_nll, total_loss)
 
 L2 = math.log(2.0)
@@ -36,6 +37,19 @@ def test_token_mean_and_gd_by_hand():
     # a global token count (several processes): the local sum over the global count
     assert token_mean_nll(logits, labels, num_tokens=8).item() == pytest.approx(expected * 4 / 8, abs=1e-6)
     assert idk_forget_loss(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_losses_from_row_nll_by_hand():
+    # what the trainer calls: per-row summed NLLs over a (global) token count
+    s = torch.tensor([3.0, 5.0])
+    assert mean_nll(s, 4).item() == 2.0
+    assert gd_forget_loss_from_nll(s, torch.tensor(4.0)).item() == -2.0
+    assert idk_forget_loss_from_nll(s, 2).item() == 4.0
+    assert retain_loss_from_nll(s, 16).item() == 0.5
+    assert retain_loss_from_nll(s, 0).item() == 8.0          # an empty count is clamped to 1
+    total, count = answer_nll(*example())
+    assert gd_forget_loss_from_nll(total, count.sum()).item() == pytest.approx(
+        -(5 * L2 + math.log(3)) / 4, abs=1e-6)
 
 
 def test_gd_gradient_raises_forget_nll():

@@ -33,31 +33,53 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return logits_nll(logits[:, :-1], shift_labels), (shift_labels != IGNORE_INDEX).sum(-1)
 
 
+def mean_nll(nll_sum: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """Per-row summed NLLs ``[B]`` added up and divided by ``num_tokens`` (clamped to >= 1)."""
+    denom = torch.as_tensor(num_tokens, dtype=torch.float32, device=nll_sum.device)
+    return nll_sum.float().sum() / torch.clamp(denom, min=1)
+
+
+def gd_forget_loss_from_nll(nll_sum: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """Gradient ascent from per-row summed NLLs: minus their mean over ``num_tokens``."""
+    return -mean_nll(nll_sum, num_tokens)
+
+
+def idk_forget_loss_from_nll(nll_sum: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """IDK from per-row summed NLLs of the refusals: their mean over ``num_tokens``."""
+    return mean_nll(nll_sum, num_tokens)
+
+
+def retain_loss_from_nll(nll_sum: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """Retain term from per-row summed NLLs of the retain answers: their mean over ``num_tokens``."""
+    return mean_nll(nll_sum, num_tokens)
+
+
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor,
                    num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """NLL averaged over all labelled tokens of the batch (or divided by ``num_tokens`` when given)."""
     total, count = answer_nll(logits, labels)
-    denom = count.sum() if num_tokens is None else num_tokens
-    return total.sum() / torch.clamp(torch.as_tensor(denom, dtype=total.dtype, device=total.device), min=1)
+    return mean_nll(total, count.sum() if num_tokens is None else num_tokens)
 
 
 def gd_forget_loss(logits: torch.Tensor, labels: torch.Tensor,
                    num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Gradient ascent on the forget answers: minus their token-mean NLL."""
-    return -token_mean_nll(logits, labels, num_tokens)
+    total, count = answer_nll(logits, labels)
+    return gd_forget_loss_from_nll(total, count.sum() if num_tokens is None else num_tokens)
 
 
 def idk_forget_loss(logits: torch.Tensor, refusal_labels: torch.Tensor,
                     num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """NLL of a refusal in place of the forget answer (the batch carries the refusal as the answer)."""
-    return token_mean_nll(logits, refusal_labels, num_tokens)
+    total, count = answer_nll(logits, refusal_labels)
+    return idk_forget_loss_from_nll(total, count.sum() if num_tokens is None else num_tokens)
 
 
 def npo_loss(nll_sum: torch.Tensor, ref_nll_sum: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """NPO: -(2/beta) * mean log sigmoid(beta * (S - S_ref)), S = summed answer NLL with the edit, S_ref the
     same under the frozen reference model. Falls to 0 as S grows past S_ref; its gradient vanishes there
     (unlike gradient ascent, which never stops)."""
-    if beta <= 0:
+    if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     return -(2.0 / beta) * F.logsigmoid(beta * (nll_sum.float() - ref_nll_sum.float())).mean()
 

@@ -41,8 +41,9 @@ from grun_fast.errors import GRUNError
 from grun_fast.patching import _MODULES_ATTR, adapter_config, adapter_modules, adapter_names, edit_at, patch, unpatch
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
-from grun_fast.unlearn.losses import (answer_nll, gate_bce, masked_mse, npo_loss, rmu_control_vector,
-                                      total_loss)
+from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
+                                      npo_loss, retain_loss_from_nll, rmu_control_vector, rmu_forget_loss,
+                                      rmu_retain_loss, total_loss)
 from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
 CONFIG_NAME = "unlearn_config.json"
@@ -196,6 +197,17 @@ class GRUNTrainer(Trainer):
         with edit_at(self.grun_model, positions=batch["edit_pos"]):
             return super().training_step(model, batch, num_items_in_batch)
 
+    def frozen_eval(self) -> None:
+        """Every module in eval mode (``Trainer.training_step`` has just called ``model.train()``): the base
+        is frozen, so its dropout must not run (the adapters have none). Under gradient checkpointing the
+        decoder layers themselves keep ``training=True`` (Hugging Face checkpoints only in train mode); their
+        submodules, dropout included, stay in eval mode."""
+        self.grun_model.eval()
+        if self.grun_config.gradient_checkpointing:
+            for module in self.grun_model.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = True
+
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
             value = value.clone()
@@ -203,6 +215,7 @@ class GRUNTrainer(Trainer):
         return value
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.frozen_eval()
         cfg = self.grun_config
         nf = int(inputs["n_forget"])
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -242,17 +255,19 @@ class GRUNTrainer(Trainer):
             span = answer_span_mask(mask, inputs["edit_pos"])
             counts = self._global_sum(torch.stack([span[:nf].sum(), span[nf:].sum()]).float())
             h = self._captured
-            forget = masked_mse(h[:nf], self.rmu_target.to(h.device), span[:nf]) * span[:nf].sum() / counts[0] * world
-            retain = masked_mse(h[nf:], base_hidden, span[nf:]) * span[nf:].sum() / counts[1] * world
+            # local token means reweighted to the global batch (the DDP mean over processes is its mean)
+            target = self.rmu_target.to(h.device)
+            forget = rmu_forget_loss(h[:nf], target, span[:nf]) * span[:nf].sum() / counts[0] * world
+            retain = rmu_retain_loss(h[nf:], base_hidden, span[nf:]) * span[nf:].sum() / counts[1] * world
         else:
             counts = self._global_sum(torch.stack([(labels[:nf, 1:] != IGNORE_INDEX).sum(),
                                                    (labels[nf:, 1:] != IGNORE_INDEX).sum()]).float())
-            denom = torch.clamp(counts / world, min=1)
-            retain = nll[nf:].sum() / denom[1]
+            denom = counts / world   # local sums over the global count per process: DDP's mean = the global mean
+            retain = retain_loss_from_nll(nll[nf:], denom[1])
             if cfg.method == "gd":
-                forget = -(nll[:nf].sum() / denom[0])
+                forget = gd_forget_loss_from_nll(nll[:nf], denom[0])
             elif cfg.method == "idk":
-                forget = nll[:nf].sum() / denom[0]
+                forget = idk_forget_loss_from_nll(nll[:nf], denom[0])
             else:  # npo
                 s_ref = self.reference.to(nll.device)[inputs["forget_index"].to(nll.device)]
                 forget = npo_loss(nll[:nf], s_ref, cfg.beta)
@@ -327,6 +342,28 @@ def _check_writable(out: Path) -> None:
         raise GRUNError(f"output folder {out} is not writable ({probe} does not allow writing)")
 
 
+def _placement(model: nn.Module) -> dict[tuple[nn.Module, str, str], torch.device]:
+    """The device of every parameter and buffer, by (owning module, kind, name)."""
+    return {(m, kind, name): t.device for m in model.modules()
+            for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None}
+
+
+def _restore_placement(model: nn.Module, placement: Mapping[tuple[nn.Module, str, str], torch.device]) -> None:
+    """Move every parameter and buffer recorded by ``_placement`` back to its device."""
+    devices = set(placement.values())
+    if len(devices) == 1:
+        model.to(next(iter(devices)))
+        return
+    with torch.no_grad():
+        for (m, kind, name), device in placement.items():
+            t = getattr(m, kind).get(name)
+            if t is not None and t.device != device:
+                if kind == "_parameters":
+                    t.data = t.data.to(device)
+                else:
+                    m._buffers[name] = t.to(device)
+
+
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
     return (row_prompt(row), row["answer"])
 
@@ -375,8 +412,10 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     ``resume``: True (latest checkpoint under ``out``) or a checkpoint folder. Other keyword arguments
     override ``UnlearnConfig`` fields (lr=..., epochs=..., ...).
 
-    Bad input raises ``GRUNError`` before anything is touched; on any failure during training the new
-    adapter is removed again and the model is left as it was (checkpoints already written stay).
+    The model trains on the Trainer's device (the first GPU, else the CPU) and stays there afterwards, with its
+    train/eval flags as before. Bad input raises ``GRUNError`` before anything is touched; on any failure
+    during training the new adapter is removed again and the model is left as it was, back on its original
+    device(s) (checkpoints already written stay).
     """
     if config is None:
         config = UnlearnConfig(method=method, layers=list(layers) if layers is not None else None, **overrides)
@@ -445,7 +484,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         output_dir=str(ckpt_dir) if use_ckpt_dir else scratch,
         per_device_train_batch_size=config.batch_size // world, max_steps=steps, num_train_epochs=1,
         learning_rate=config.lr, weight_decay=config.weight_decay, lr_scheduler_type="linear",
-        warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps,
+        warmup_steps=math.ceil(config.warmup_ratio * steps),  # whole steps: a float < 1 means a ratio only in v5
+        max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         report_to="none", remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
         disable_tqdm=not config.progress, dataloader_num_workers=0, dataloader_pin_memory=False,
@@ -460,6 +500,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     # ---- training (the model is modified from here on; undone on failure)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
+    modes = {m: m.training for m in model.modules()}
+    placement = _placement(model)
     checkpointing = False
     trainer = None
     t0 = time.perf_counter()
@@ -494,6 +536,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     except BaseException:
         if config.adapter_name in adapter_names(model):
             unpatch(model, config.adapter_name)
+        _restore_placement(model, placement)
         raise
     finally:
         if trainer is not None:
@@ -506,6 +549,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         model.train(was_training)
+        for m, flag in modes.items():
+            m.training = flag
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return UnlearnResult(model=model, adapter_name=config.adapter_name, config=config,
