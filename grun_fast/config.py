@@ -5,6 +5,8 @@ Validation happens here, at construction, so a bad value fails before any model 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +54,16 @@ class GRUNConfig:
             raise GRUNError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.positions not in POSITIONS:
             raise GRUNError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
-        if self.gate_threshold is not None and not 0.0 <= float(self.gate_threshold) <= 1.0:
-            raise GRUNError(f"gate_threshold must lie in [0, 1], got {self.gate_threshold!r}")
-        self.gate_hidden = tuple(int(w) for w in self.gate_hidden)
+        if self.gate_threshold is not None:
+            t = self.gate_threshold
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
+                raise GRUNError(f"gate_threshold must be None or a number in [0, 1], got {t!r}")
+            self.gate_threshold = float(t)
+        hidden = self.gate_hidden
+        if (isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable)
+                or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in hidden)):
+            raise GRUNError(f"gate_hidden must be a sequence of integer widths, got {hidden!r}")
+        self.gate_hidden = tuple(int(w) for w in hidden)
         if any(w < 1 for w in self.gate_hidden):
             raise GRUNError(f"gate_hidden widths must be >= 1, got {self.gate_hidden!r}")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grun_fast import GRUNError
 from grun_fast.data import (IGNORE_INDEX, PLAIN_TEMPLATE, REFUSALS, ForgetSchedule, PairedCollator,
                             chunk_document, encode_example, encode_rows, format_prompt, general_knowledge,
                             load_documents, load_qa_file, load_rows, load_tofu, make_authors, make_benchmark,
@@ -87,10 +88,12 @@ def test_truncation_keeps_edit_token(tok, rows):
     assert e["input_ids"][:len(p)] == p and len(e["input_ids"]) == len(p) + 2
     e = encode_example(tok, r, max_length=4)   # prompt cut from the left, last prompt token kept
     assert e["prompt_len"] == 3 and e["input_ids"][:3] == p[-3:]
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(GRUNError, match="max_length"):
         encode_example(tok, r, max_length=1)
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(GRUNError, match="empty batch"):
         pad_examples([], 0)
+    with pytest.raises(GRUNError, match="row 1 has no string 'answer'"):
+        encode_rows(tok, [r, {"question": "Q?"}])
 
 
 def test_document_rows_reassemble_and_empty_prompt_gets_bos(tok):
@@ -103,8 +106,10 @@ def test_document_rows_reassemble_and_empty_prompt_gets_bos(tok):
     assert all(c["prompt"] == "" for c in doc)
     e = encode_example(tok, doc[0])
     assert e["prompt_len"] == 1 and e["input_ids"][0] == tok.bos_token_id
-    with pytest.raises(ValueError, match="prefix_words"):
+    with pytest.raises(GRUNError, match="prefix_words"):
         chunk_document(text, chunk_words=10, prefix_words=10)
+    with pytest.raises(GRUNError, match="chunk_words must be an integer >= 2, got 1"):
+        chunk_document(text, chunk_words=1)
 
 
 def test_load_documents(tmp_path):
@@ -115,8 +120,15 @@ def test_load_documents(tmp_path):
     assert [r["prompt"] for r in rows] == ["one two", "five six", "alpha beta"]
     assert rows[0]["answer"] == " three four" and rows[0]["source"].endswith("a.txt")
     assert load_rows(tmp_path / "b.md", chunk_words=4, prefix_words=2) == rows[2:]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(GRUNError, match="no such document or folder: .*missing.txt"):
         load_documents(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(GRUNError, match="latin1.txt: not UTF-8 text"):
+        load_documents(tmp_path / "latin1.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GRUNError, match="no text found in .*empty"):
+        load_documents(empty)
 
 
 # ---------------------------------------------------------------- loaders
@@ -132,21 +144,37 @@ def test_qa_files_jsonl_json_csv(tmp_path):
 
 def test_qa_file_errors_name_the_problem(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(GRUNError, match="empty.jsonl: no rows"):
         load_qa_file(tmp_path / "empty.jsonl")
     (tmp_path / "miss.jsonl").write_text('{"question": "Q?", "answer": "A"}\n{"question": "Q2?"}\n')
-    with pytest.raises(ValueError, match="row 1 has no non-empty string 'answer'"):
+    with pytest.raises(GRUNError, match=r"miss.jsonl: row 1 has no non-empty string 'answer' \(it has: question\)"):
         load_qa_file(tmp_path / "miss.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"question": "Q?", "answer": "A"}\n{oops\n')
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(GRUNError, match=r"bad.jsonl, line 2: invalid JSON .*'\{oops'"):
         load_qa_file(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.json").write_text('[{"question": "Q?", "answer": "A"},]')
+    with pytest.raises(GRUNError, match="bad.json: invalid JSON"):
+        load_qa_file(tmp_path / "bad.json")
+    (tmp_path / "cols.csv").write_text("question,reply\nQ?,A.\n")
+    with pytest.raises(GRUNError, match=r"cols.csv: no 'answer' column \(columns: question, reply\)"):
+        load_qa_file(tmp_path / "cols.csv")
+    (tmp_path / "blank.csv").write_text('question,answer\nQ?,A.\nQ2?,\n')
+    with pytest.raises(GRUNError, match="blank.csv: row 1 has no non-empty string 'answer'"):
+        load_rows(str(tmp_path / "blank.csv"))
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"question": "Q?", "answer": "\xff"}\n')
+    with pytest.raises(GRUNError, match="bytes.jsonl: not UTF-8 text"):
+        load_qa_file(tmp_path / "bytes.jsonl")
     (tmp_path / "x.parquet").write_text("")
-    with pytest.raises(ValueError, match="unsupported"):
+    with pytest.raises(GRUNError, match="unsupported file type '.parquet'"):
         load_qa_file(tmp_path / "x.parquet")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(GRUNError, match="no such data file: .*nope.jsonl"):
         load_rows(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(ValueError, match="row 0 is a list"):
+    with pytest.raises(GRUNError, match="no such data file: .*nope.csv"):
+        load_qa_file(tmp_path / "nope.csv")
+    with pytest.raises(GRUNError, match="row 0 is a list"):
         validate_rows([[1, 2]])
+    with pytest.raises(GRUNError, match="expected a list of rows, got int"):
+        validate_rows(5)
     assert validate_rows([{"prompt": "", "answer": "x"}])  # document rows need no question
 
 
@@ -158,16 +186,23 @@ def test_tofu_folder():
     assert len(pert[0]["perturbed_answer"]) == 5 and "paraphrased_question" in pert[0]
     assert [r["question"] for r in pert] == [r["question"] for r in forget]
     assert load_rows("retain99", data=TOFU_DIR)[0] == load_tofu("retain99", str(TOFU_DIR))[0]
-    with pytest.raises(FileNotFoundError, match="no TOFU split 'forget02'.*forget01"):
+    with pytest.raises(GRUNError, match="no TOFU split 'forget02'.*forget01"):
         load_tofu("forget02", TOFU_DIR)
 
 
 def test_tofu_needs_a_source(monkeypatch, tmp_path):
     monkeypatch.delenv("GRUN_TOFU_DIR", raising=False)
-    with pytest.raises(ValueError, match="where is TOFU"):
+    with pytest.raises(GRUNError, match="where is TOFU"):
         load_tofu("forget01")
-    with pytest.raises(FileNotFoundError, match="TOFU folder not found"):
+    with pytest.raises(GRUNError, match="where is TOFU"):
+        load_rows("forget01")                       # a split name with no TOFU source
+    with pytest.raises(GRUNError, match="TOFU folder not found: .*nothing"):
         load_tofu("forget01", tmp_path / "nothing")
+    (tmp_path / "forget05.json").write_text('{"question": "Q?"}\n')
+    with pytest.raises(GRUNError, match="no TOFU split 'forget01' in .*have: forget05"):
+        load_tofu("forget01", tmp_path)
+    with pytest.raises(GRUNError, match=r"TOFU forget05 \(.*forget05.json\): row 0 has no non-empty string 'answer'"):
+        load_tofu("forget05", tmp_path)
     monkeypatch.setenv("GRUN_TOFU_DIR", str(tmp_path))
     (tmp_path / "forget01.json").write_text('{"question": "Q?", "answer": "A"}\n')
     assert load_tofu("forget01") == [{"question": "Q?", "answer": "A"}]
@@ -179,7 +214,7 @@ def test_tofu_hub_offline_error_is_clear(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'locuslab/TOFU' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="internet access or a local datasets cache"):
+    with pytest.raises(GRUNError, match="internet access or a local datasets cache"):
         load_tofu("forget01", "locuslab/TOFU")
 
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from grun_fast.data.prompts import answer_ids_batch, prompt_ids_batch
+from grun_fast.errors import GRUNError
 
 IGNORE_INDEX = -100
 
@@ -25,13 +26,16 @@ def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str
     answer token loses its beginning (its end, the edited token, is kept).
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one prompt and one answer token), got {max_length}")
+        raise GRUNError(f"max_length must be at least 2 (one prompt and one answer token), got {max_length}")
+    missing = next((i for i, row in enumerate(rows) if not isinstance(row.get(answer_key), str)), None)
+    if missing is not None:
+        raise GRUNError(f"row {missing} has no string {answer_key!r}: {dict(rows[missing])!r:.200}")
     prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
     answers = answer_ids_batch(tokenizer, [row[answer_key] for row in rows], add_eos)
     out = []
-    for row, p, a in zip(rows, prompts, answers):
+    for i, (row, p, a) in enumerate(zip(rows, prompts, answers)):
         if not a:
-            raise ValueError(f"row has an empty answer after tokenisation: {dict(row)!r:.200}")
+            raise GRUNError(f"row {i} has an empty answer after tokenisation: {dict(row)!r:.200}")
         if len(p) > max_length - 1:
             p = p[len(p) - (max_length - 1):]
         a = a[: max_length - len(p)]
@@ -54,9 +58,9 @@ def pad_examples(examples: Sequence[Mapping[str, Any]], pad_token_id: int,
     it by each row's pad count, which is accounted for here.
     """
     if not examples:
-        raise ValueError("cannot pad an empty batch")
+        raise GRUNError("cannot pad an empty batch")
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        raise GRUNError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     width = max(len(e["input_ids"]) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
@@ -77,7 +81,7 @@ def pad_examples(examples: Sequence[Mapping[str, Any]], pad_token_id: int,
 def pad_token_id_of(tokenizer: Any) -> int:
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        raise GRUNError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     return int(pid)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,12 @@ from grun_fast.unlearn.losses import DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, MET
 
 # Fractions of depth of the reference layers (20, 25, 31 of 32): ~62 %, 78 %, the last layer.
 DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
+
+
+def _check_number(name: str, value: Any) -> None:
+    """A finite real number (not a bool, not a string), else GRUNError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise GRUNError(f"{name} must be a finite number, got {value!r}")
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -84,15 +92,27 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise GRUNError(f"{name} must be None or an integer >= 1, got {value!r}")
+        for name in ("lr", "beta", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio"):
+            _check_number(name, getattr(self, name))
+        for name in ("lambda_r", "forget_scale"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name))
         for name in ("lr", "beta", "rmu_coefficient"):
-            if not float(getattr(self, name)) > 0:
+            if not getattr(self, name) > 0:
                 raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("seed", "rmu_layer"):
+            value = getattr(self, name)
+            if (value is not None or name == "seed") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise GRUNError(f"{name} must be an integer, got {value!r}")
+        for name in ("gradient_checkpointing", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
             raise GRUNError(f"cache_lower_mb must be an integer >= 0, got {self.cache_lower_mb!r}")
         if not isinstance(self.cache_prefix, bool):
             raise GRUNError(f"cache_prefix must be True or False, got {self.cache_prefix!r}")
-        for name in ("weight_decay", "max_grad_norm", "lambda_g"):
-            if float(getattr(self, name)) < 0:
+        for name in ("weight_decay", "max_grad_norm", "lambda_g", "lambda_r", "forget_scale"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise GRUNError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise GRUNError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
