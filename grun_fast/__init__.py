@@ -2,7 +2,7 @@
 
     model = grun_fast.patch(model, "path/to/adapter")   # then model.generate(...) as usual
 """
-from grun_fast.adapters import import_reference_checkpoint, read_adapter, save_adapter
+from grun_fast.adapters import import_reference_checkpoint, read_adapter
 from grun_fast.config import GRUNConfig
 from grun_fast.errors import GRUNError
 from grun_fast.module import GatedLoReFT
@@ -11,8 +11,10 @@ from grun_fast.patching import (
     adapter_modules,
     adapter_names,
     adapter_parameters,
+    disable_adapters,
     edit_at,
     patch,
+    save_adapter,
     unpatch,
 )
 from grun_fast.version import __version__
@@ -25,6 +27,7 @@ __all__ = [
     "adapter_modules",
     "adapter_names",
     "adapter_parameters",
+    "disable_adapters",
     "edit_at",
     "import_reference_checkpoint",
     "patch",

@@ -1,5 +1,7 @@
 """Adapters on disk: safetensors + JSON, written atomically; and an importer for GRUN reference checkpoints.
 
+File I/O only (`grun_fast.patching.save_adapter` / `patch` call it); nothing here touches a model's adapters.
+
 Layout of an adapter folder:
     adapter_config.json          {"format": "grun_fast.adapter", "format_version": 1, "config": {...GRUNConfig},
                                   "hidden_size", "num_layers", "model_type", "library_version"}
@@ -24,7 +26,6 @@ from torch import nn
 
 from grun_fast.config import GRUNConfig
 from grun_fast.errors import GRUNError
-from grun_fast.patching import DEFAULT_NAME, adapter_config, adapter_modules
 from grun_fast.version import __version__
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,14 +34,9 @@ FORMAT = "grun_fast.adapter"
 FORMAT_VERSION = 1
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME) -> Path:
-    """Write adapter `name` of `model` to folder `path` (created; existing files replaced atomically)."""
-    config = adapter_config(model, name)
-    tensors = {}
-    for index, module in adapter_modules(model, name).items():
-        for key, value in module.state_dict().items():
-            tensors[f"layers.{index}.{key}"] = value.detach().float()
-    meta = {
+def adapter_metadata(model: nn.Module, config: GRUNConfig) -> dict:
+    """The adapter_config.json contents for an adapter with `config` on `model`."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -49,7 +45,6 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME) -
         "model_type": getattr(model.config, "model_type", None),
         "library_version": __version__,
     }
-    return write_adapter(path, meta, tensors)
 
 
 def write_adapter(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:

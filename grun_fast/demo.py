@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     evals["retain_model"] = _evaluate(retain_model, tokenizer, splits, None, plan, "retain model")
     retain_ratios = [r["truth_ratio"] for r in evals["retain_model"]["splits"]["forget"]["rows"]]
     evals["retain_model"]["forget_quality"] = {"forget": 1.0}  # the reference distribution itself
-    with _adapters_off(base, patching):
+    with patching.disable_adapters(base):
         evals["base"] = _evaluate(base, tokenizer, splits, retain_ratios, plan, "base")
     evals["grun"] = _evaluate(base, tokenizer, splits, retain_ratios, plan, "base + GRUN")
 
@@ -185,23 +185,6 @@ def cached_model(cache: Path, role: str, rows: list[dict], plan: Plan, tokenizer
             raise
     _say(f"      {role}: trained on {len(rows)} rows in {time.perf_counter() - start:.1f} s, cached at {folder}")
     return model, tok
-
-
-class _adapters_off:
-    """Temporarily take every adapter off a model (to evaluate the base), then put them back exactly."""
-
-    def __init__(self, model, patching) -> None:
-        self.model, self.patching = model, patching
-
-    def __enter__(self):
-        self.saved = [(n, self.patching.adapter_config(self.model, n), self.model.grun_adapters[n].state_dict())
-                      for n in self.patching.adapter_names(self.model)]
-        self.patching.unpatch(self.model)
-
-    def __exit__(self, *exc):
-        for name, config, state in self.saved:
-            self.patching.patch(self.model, config, name=name)
-            self.model.grun_adapters[name].load_state_dict(state)
 
 
 def _evaluate(model, tokenizer, splits, retain_ratios, plan: Plan, label: str) -> dict[str, Any]:

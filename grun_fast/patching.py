@@ -1,46 +1,32 @@
 """patch / unpatch: install GatedLoReFT modules on the outputs of a Hugging Face model's decoder layers.
 
-One forward pre-hook on the backbone records, per forward, whether it is a prefill (empty KV cache) and
-the attention mask; one forward hook per edited layer (prepended, so that hidden-state capture and
-other hooks see the edited output) applies that layer's adapters in the order they were patched.
-
-Which tokens get edited:
-- `last_prompt`: inside `edit_at(model, positions=...)` the given token per row; otherwise, in a prefill
-  forward, the last non-padding token of each row (from the attention mask, on device); decode steps
-  are left alone.
-- `all`: every token of every forward, decode steps included.
-- `mask`: only inside `edit_at(model, mask=...)` (or `positions=`), on full forwards.
-`edit_at` applies only to forwards that start with an empty KV cache (decode steps are never affected),
-unless given ``cached_prefix=True``: then it also applies to forwards that continue a KV cache (training on
-answer suffixes after a cached, adapter-independent prompt prefix; the positions index the new tokens).
+One forward pre-hook on the backbone records each forward (`grun_fast.positions.Forward`: where it starts in
+the sequence, its attention mask); one forward hook per edited layer (prepended, so that hidden-state capture
+and other hooks see the edited output) applies that layer's adapters in the order they were patched, at the
+tokens `grun_fast.positions.select` names. `model.generate` is wrapped to record the prompt's last token
+before decoding. `disable_adapters` switches adapters off for a block; `save_adapter` writes one to disk.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from grun_fast.adapters import adapter_metadata, load_tensors, read_adapter_for, write_adapter
 from grun_fast.architectures import locate
 from grun_fast.config import GRUNConfig
 from grun_fast.errors import GRUNError
 from grun_fast.module import GatedLoReFT
+from grun_fast.positions import EditSpec, Forward, forward_record, input_shape, prompt_spec, select
 
 DEFAULT_NAME = "default"
 _STATE_ATTR = "_grun_state"
 _MODULES_ATTR = "grun_adapters"
-
-
-@dataclass
-class _Forward:
-    """What the current forward of the backbone looks like."""
-
-    prefill: bool
-    attention_mask: torch.Tensor | None
-    last_index: torch.Tensor | None = None  # last non-padding token per row, computed on first use
 
 
 @dataclass
@@ -50,9 +36,11 @@ class _State:
     configs: dict[str, GRUNConfig] = field(default_factory=dict)  # in patch order; layers resolved
     handles: list = field(default_factory=list)
     layer_handles: dict[int, object] = field(default_factory=dict)
-    forward: _Forward | None = None
-    override: tuple[str, torch.Tensor] | None = None  # ("positions", [B]) or ("mask", [B, T]) from edit_at
-    override_cached: bool = False  # edit_at(cached_prefix=True): the override also applies after a KV cache
+    forward: Forward | None = None
+    override: EditSpec | None = None      # from edit_at
+    generation: EditSpec | None = None    # the running generate call's prompt ends
+    disabled: frozenset = frozenset()     # adapter names switched off by disable_adapters
+    own_generate: object = None           # the instance attribute `generate` had before patching, if any
 
 
 def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str = DEFAULT_NAME) -> nn.Module:
@@ -60,19 +48,20 @@ def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str =
 
     `config_or_path` is a GRUNConfig (fresh, randomly initialised modules), a folder written by
     `save_adapter`, or a folder of the GRUN reference code's checkpoints (`intkey_*.bin`).
-    Everything is validated before the model is touched.
+    Everything is validated before the model is touched. Safe inside `torch.inference_mode()`: the adapter's
+    parameters are made as ordinary tensors there too.
     """
     backbone, layers = locate(model)
     hidden_size = int(model.config.hidden_size)
     state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(name, str) or not name or "." in name:
+        raise GRUNError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if state is not None and name in state.configs:
         raise GRUNError(f"an adapter named {name!r} is already patched into this model; unpatch it or pass another name")
     tensors = None
     if isinstance(config_or_path, GRUNConfig):
         config = config_or_path
     elif isinstance(config_or_path, (str, Path)):
-        from grun_fast.adapters import read_adapter_for
-
         config, tensors = read_adapter_for(model, config_or_path)
     else:
         raise GRUNError(f"patch() takes a GRUNConfig or an adapter folder, got {type(config_or_path).__name__}")
@@ -81,21 +70,21 @@ def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str =
         raise GRUNError(f"rank {config.rank} exceeds the model's hidden size {hidden_size}")
     config = GRUNConfig.from_dict({**config.to_dict(), "layers": resolved})
 
-    modules = nn.ModuleDict()
-    for index in resolved:
-        reference = next(layers[index].parameters(), None)
-        device = reference.device if reference is not None else None
-        modules[str(index)] = GatedLoReFT(
-            hidden_size, config.rank, config.gate, config.gate_hidden, config.gate_threshold, device=device
-        )
-    if tensors is not None:
-        from grun_fast.adapters import load_tensors
-
-        load_tensors(modules, tensors)
+    with torch.inference_mode(False):
+        modules = nn.ModuleDict()
+        for index in resolved:
+            reference = next(layers[index].parameters(), None)
+            device = reference.device if reference is not None else None
+            modules[str(index)] = GatedLoReFT(
+                hidden_size, config.rank, config.gate, config.gate_hidden, config.gate_threshold, device=device
+            )
+        if tensors is not None:
+            load_tensors(modules, tensors)
 
     if state is None:
         state = _State(backbone, layers)
         state.handles.append(backbone.register_forward_pre_hook(_backbone_pre_hook(state), with_kwargs=True))
+        _wrap_generate(model, state)
         setattr(model, _STATE_ATTR, state)
         setattr(model, _MODULES_ATTR, nn.ModuleDict())
     getattr(model, _MODULES_ATTR)[name] = modules
@@ -125,15 +114,38 @@ def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:
     if not state.configs:
         for handle in state.handles:
             handle.remove()
+        if state.own_generate is not None:
+            model.generate = state.own_generate
+        else:
+            model.__dict__.pop("generate", None)
         delattr(model, _STATE_ATTR)
         delattr(model, _MODULES_ATTR)
     return model
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters patched into `model`, in the order they apply."""
+def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME) -> Path:
+    """Write adapter `name` of `model` to folder `path` (created; existing files replaced atomically)."""
+    config = adapter_config(model, name)
+    tensors = {}
+    for index, module in adapter_modules(model, name).items():
+        for key, value in module.state_dict().items():
+            tensors[f"layers.{index}.{key}"] = value.detach().float()
+    return write_adapter(path, adapter_metadata(model, config), tensors)
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = DEFAULT_NAME) -> None:
+    """Copy tensors read by `grun_fast.adapters.read_adapter_for` into adapter `name` (resuming training)."""
+    adapter_config(model, name)
+    load_tensors(getattr(model, _MODULES_ATTR)[name], tensors)
+
+
+def adapter_names(model: nn.Module, enabled_only: bool = False) -> list[str]:
+    """Names of the adapters patched into `model`, in the order they apply (`enabled_only`: leave out those
+    switched off by `disable_adapters`)."""
     state = getattr(model, _STATE_ATTR, None)
-    return [] if state is None else list(state.configs)
+    if state is None:
+        return []
+    return [n for n in state.configs if not (enabled_only and n in state.disabled)]
 
 
 def adapter_config(model: nn.Module, name: str = DEFAULT_NAME) -> GRUNConfig:
@@ -158,32 +170,45 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn
 
 
 @contextlib.contextmanager
+def disable_adapters(model: nn.Module, names: str | Iterable[str] | None = None):
+    """Run the block with adapters `names` (all when None) switched off: the model computes exactly what it
+    would without them (the base model, or the other adapters only). Nothing is unpatched or copied."""
+    state = _state(model)
+    chosen = set(state.configs) if names is None else {names} if isinstance(names, str) else set(names)
+    unknown = sorted(chosen - set(state.configs))
+    if unknown:
+        raise GRUNError(f"no adapter named {unknown[0]!r} on this model; patched: {', '.join(state.configs)}")
+    previous = state.disabled
+    state.disabled = previous | frozenset(chosen)
+    try:
+        yield
+    finally:
+        state.disabled = previous
+
+
+@contextlib.contextmanager
 def edit_at(model: nn.Module, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
             cached_prefix: bool = False):
     """Edit exactly these tokens in the forwards run inside the block (teacher forcing: training, scoring).
 
-    positions: LongTensor [B], the token to edit in each row (the last prompt token, prompt_len - 1).
-    mask: bool [B, T], the tokens to edit. Give exactly one. `all`-mode adapters still edit every token.
-    cached_prefix: also edit in forwards that continue a non-empty KV cache (positions / mask then index the
-    tokens of that forward, not of the whole sequence); by default such forwards are never edited.
+    positions: integer tensor [B], the token to edit in each row (the last prompt token, prompt_len - 1),
+    counted from the start of the sequence (>= 0). mask: bool [B, T], the tokens to edit. Give exactly one.
+    `all`-mode adapters still edit every token. A forward that starts the sequence must contain the
+    positions (else GRUNError); a forward that continues a KV cache edits the positions that fall inside it.
+    cached_prefix: positions / mask index the tokens of each forward instead (training on answer suffixes
+    after a cached, adapter-independent prompt prefix), in forwards that continue a cache too.
     """
     state = _state(model)
     if (positions is None) == (mask is None):
         raise GRUNError("edit_at needs exactly one of positions= or mask=")
-    if positions is not None:
-        if positions.dim() != 1 or positions.dtype not in (torch.int32, torch.int64):
-            raise GRUNError(f"positions must be an integer tensor of shape [batch], got {tuple(positions.shape)} {positions.dtype}")
-        override = ("positions", positions.long())
-    else:
-        if mask.dim() != 2:
-            raise GRUNError(f"mask must have shape [batch, seq_len], got {tuple(mask.shape)}")
-        override = ("mask", mask.to(torch.bool))
-    previous = state.override, state.override_cached
-    state.override, state.override_cached = override, bool(cached_prefix)
+    spec = (EditSpec.from_positions(positions, bool(cached_prefix)) if positions is not None
+            else EditSpec.from_mask(mask, bool(cached_prefix)))
+    previous = state.override
+    state.override = spec
     try:
         yield
     finally:
-        state.override, state.override_cached = previous
+        state.override = previous
 
 
 def _state(model: nn.Module) -> _State:
@@ -193,53 +218,49 @@ def _state(model: nn.Module) -> _State:
     return state
 
 
-def _cache_is_empty(cache) -> bool:
-    if cache is None:
-        return True
-    if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length() == 0
-    if isinstance(cache, (tuple, list)):  # legacy tuple cache: ((k, v), ...)
-        return len(cache) == 0 or cache[0] is None or cache[0][0].shape[-2] == 0
-    return False
-
-
 def _backbone_pre_hook(state: _State):
     def hook(module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            mask = None  # a pre-built 4D mask: fall back to the sequence end
-        state.forward = _Forward(prefill=_cache_is_empty(cache), attention_mask=mask)
+        state.forward = forward = forward_record(kwargs)
+        shape = input_shape(args, kwargs)
+        if shape is not None:  # work out (and check) every adapter's tokens before any layer runs
+            spec = state.override if state.override is not None else state.generation
+            for name, config in state.configs.items():
+                if name not in state.disabled:
+                    select(forward, spec, config.positions, name, *shape, state.generation is not None)
         return None
 
     return hook
 
 
-def _selection(state: _State, positions_mode: str, hidden: torch.Tensor):
-    """("all", None) | ("index", LongTensor[B]) | ("mask", bool[B, T]) | None (no edit) for one adapter."""
-    if positions_mode == "all":
-        return ("all", None)
-    forward = state.forward
-    if forward is None or not (forward.prefill or (state.override is not None and state.override_cached)):
-        return None
-    batch, seq_len = hidden.shape[0], hidden.shape[1]
-    if state.override is not None:
-        kind, value = state.override
-        if value.shape[0] != batch or (kind == "mask" and value.shape[1] != seq_len):
-            raise GRUNError(
-                f"edit_at {kind} has shape {tuple(value.shape)} but the forward has batch {batch}, length {seq_len}"
-            )
-        return ("index", value.to(hidden.device)) if kind == "positions" else ("mask", value.to(hidden.device))
-    if positions_mode == "mask":
-        return None
-    if forward.last_index is None:
-        mask = forward.attention_mask
-        if mask is None or mask.shape[-1] != seq_len:
-            forward.last_index = torch.full((batch,), seq_len - 1, dtype=torch.long, device=hidden.device)
-        else:  # the last position holding a real token; correct for left and right padding
-            steps = torch.arange(seq_len, device=mask.device)
-            forward.last_index = (mask.to(torch.long) * steps).argmax(-1).to(hidden.device)
-    return ("index", forward.last_index)
+def _wrap_generate(model: nn.Module, state: _State) -> None:
+    """`model.generate` records each row's last prompt token before it decodes (the edit positions of every
+    forward it runs: prefill, chunked prefill, use_cache=False steps)."""
+    original = getattr(model, "generate", None)
+    if original is None:
+        return
+    state.own_generate = model.__dict__.get("generate")
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        modes = {n: c.positions for n, c in state.configs.items() if n not in state.disabled}
+        spec = prompt_spec(args, kwargs)
+        if state.override is None:
+            masked = [n for n, mode in modes.items() if mode == "mask"]
+            if masked:
+                raise GRUNError(f"adapter {masked[0]!r} has positions='mask': generate gives it no tokens to edit. "
+                                "Wrap the call in grun_fast.edit_at(model, mask=...) over the prompt, or use an "
+                                "adapter trained with positions='last_prompt'")
+        elif spec is not None and not state.override.relative and state.override.kind == "positions" \
+                and state.override.high > spec.high:
+            raise GRUNError(f"edit_at names token {state.override.high}, past the prompt's last token {spec.high}")
+        previous = state.generation
+        state.generation = spec
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.generation = previous
+
+    model.generate = generate
 
 
 def _layer_hook(state: _State, container: nn.ModuleDict, index: int):
@@ -247,12 +268,18 @@ def _layer_hook(state: _State, container: nn.ModuleDict, index: int):
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
+        forward = state.forward
+        if forward is None:
+            raise GRUNError("a patched decoder layer ran outside its model's forward; call the model, not the layer")
+        spec = state.override if state.override is not None else state.generation
+        generating = state.generation is not None
         edited = hidden
         for name, config in state.configs.items():
             adapter = container[name]
-            if key not in adapter:
+            if key not in adapter or name in state.disabled:
                 continue
-            selection = _selection(state, config.positions, edited)
+            selection = select(forward, spec, config.positions, name, edited.shape[0], edited.shape[1],
+                               edited.device, generating)
             if selection is not None:
                 edited = _apply(adapter[key], edited, selection)
         if edited is hidden:

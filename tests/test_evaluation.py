@@ -197,19 +197,8 @@ def test_answer_nll_edits_last_prompt_token_and_reads_its_gate(patched, answer_h
 
 
 def _without_adapters(model):
-    """Context in which the patched model runs as the base model (its adapters are skipped)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        state = model._grun_state
-        configs = dict(state.configs)
-        state.configs.clear()
-        try:
-            yield
-        finally:
-            state.configs.update(configs)
-    return ctx()
+    """Context in which the patched model runs as the base model (its adapters are switched off)."""
+    return grun_fast.disable_adapters(model)
 
 
 def _manual_nll_base(model, tokenizer, row):

@@ -133,7 +133,8 @@ def test_mask_mode_edits_only_inside_edit_at(llama):
     grun_fast.patch(llama, GRUNConfig(layers=[1], positions="mask"))
     open_gate(llama)
     with torch.no_grad():
-        assert torch.equal(llama(ids).logits, base)
+        with pytest.raises(GRUNError, match="positions='mask'.*edit_at"):  # it used to do nothing, silently
+            llama(ids)
         mask = torch.zeros(2, 6, dtype=torch.bool)
         mask[0, 2] = mask[1, 4] = mask[1, 5] = True
         with grun_fast.edit_at(llama, mask=mask):

@@ -4,9 +4,10 @@ A batch that runs until its longest row ends spends many of its steps on rows th
 (TOFU answers vary from a few tokens to the limit). Here a finished row leaves the batch at once and, when
 a quarter of the slots are free, the next prompts are prefilled and join it: the decode steps stay full.
 Rows are left-padded; positions are counted from each row's first real token, so batching does not change
-the tokens (beyond low-precision rounding of near-ties). The prefill runs with an empty KV cache, so ``last_prompt`` adapters edit the last prompt token
-as in ``model.generate``. Decoding is plain greedy argmax: the model's own generation config (repetition
-penalties and the like) is not applied: ROUGE-L is defined on the greedy generation (GRUN.md section 5).
+the tokens (beyond low-precision rounding of near-ties). Each prefill edits the last prompt token, named
+explicitly (so ``mask``-mode adapters apply as in scoring), as ``model.generate`` does for ``last_prompt``
+adapters. Decoding is plain greedy argmax: the model's own generation config (repetition penalties and the
+like) is not applied: ROUGE-L is defined on the greedy generation (GRUN.md section 5).
 
 Models whose KV cache is not a plain per-layer ``DynamicCache`` (sliding-window layers, say) go through
 ``model.generate`` in fixed batches instead.
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from grun_fast.architectures import cache_kwarg, output_cache
 from grun_fast.data.encoding import pad_examples, pad_token_id_of
 from grun_fast.data.prompts import prompt_ids_batch
-from grun_fast.evaluation.scoring import batches, keeps_logits, model_device
+from grun_fast.evaluation.scoring import batches, edit_at_positions, keeps_logits, model_device
 
 
 @torch.no_grad()
@@ -108,7 +109,9 @@ class _Decoder:
                              self.pad_id, "left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        token, cache = self._forward(ids, mask, position_ids, None)
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=self.device)
+        with edit_at_positions(self.model, last):  # left-padded: every row's prompt ends in the last column
+            token, cache = self._forward(ids, mask, position_ids, None)
         kv = _plain_kv(cache)
         if kv is None:
             return None
@@ -182,9 +185,11 @@ class _Decoder:
             batch = pad_examples([{"input_ids": prompts[i], "prompt_len": len(prompts[i])} for i in idx],
                                  self.pad_id, "left")
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            generated = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                            max_new_tokens=self.max_new, min_new_tokens=0, pad_token_id=self.pad_id,
-                                            eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None)
+            last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=self.device)
+            with edit_at_positions(self.model, last):
+                generated = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                                max_new_tokens=self.max_new, min_new_tokens=0, pad_token_id=self.pad_id,
+                                                eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None)
             for row, i in enumerate(idx):
                 out[i] = generated[row, ids.shape[1]:].tolist()
                 _strip_eos(out[i], self.eos_id)

@@ -34,9 +34,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def gate_modules(model: torch.nn.Module, names: str | Sequence[str] | None = None
                  ) -> dict[str, dict[int, torch.nn.Module]]:
-    """``{adapter name: {layer: module}}`` for the adapters whose gates are reported (None: all of them)."""
+    """``{adapter name: {layer: module}}`` for the adapters whose gates are reported (None: all that are on)."""
     if names is None:
-        names = adapter_names(model)
+        names = adapter_names(model, enabled_only=True)
     elif isinstance(names, str):
         names = [names]
     return {name: dict(adapter_modules(model, name)) for name in names}
@@ -44,7 +44,7 @@ def gate_modules(model: torch.nn.Module, names: str | Sequence[str] | None = Non
 
 def edit_at_positions(model: torch.nn.Module, positions: torch.Tensor):
     """Edit exactly at ``positions`` during this forward (nothing to do for a model without adapters)."""
-    if not adapter_names(model):
+    if not adapter_names(model, enabled_only=True):
         return contextlib.nullcontext()
     return edit_at(model, positions=positions)
 

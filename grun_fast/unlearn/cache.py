@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from grun_fast.architectures import locate
+from grun_fast.patching import adapter_names, disable_adapters
 
 
 class _Stop(Exception):
@@ -50,8 +51,11 @@ class LowerLayerCache:
             raise _Stop(output)
 
         handle = self.layers[self.skip - 1].register_forward_hook(stop)
+        # no adapter edits below `skip`; switched off, none asks for this sub-batch's edit positions
+        adapters_off = disable_adapters(self.model) if adapter_names(self.model) else contextlib.nullcontext()
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with adapters_off:
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop as s:
             return s.output
         finally:

@@ -30,7 +30,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from grun_fast.adapters import load_tensors, read_adapter_for, save_adapter
+from grun_fast.adapters import read_adapter_for
 from grun_fast.architectures import locate
 from grun_fast.data.collate import ForgetSchedule, PairedCollator
 from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
@@ -38,7 +38,8 @@ from grun_fast.data.loading import validate_rows
 from grun_fast.data.prompts import row_prompt
 from grun_fast.data.refusals import with_refusals
 from grun_fast.errors import GRUNError
-from grun_fast.patching import _MODULES_ATTR, adapter_config, adapter_modules, adapter_names, edit_at, patch, unpatch
+from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, disable_adapters, edit_at,
+                                load_adapter_weights, patch, save_adapter, unpatch)
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
@@ -222,7 +223,8 @@ class GRUNTrainer(Trainer):
         world = self.accelerator.num_processes
         base_hidden = None
         if cfg.method == "rmu":  # the retain rows' hidden states without this edit (no grad)
-            with torch.no_grad(), edit_at(self.grun_model, mask=torch.zeros_like(mask[nf:], dtype=torch.bool)):
+            with torch.no_grad(), disable_adapters(self.grun_model, cfg.adapter_name), \
+                    edit_at(self.grun_model, positions=inputs["edit_pos"][nf:]):  # earlier adapters still edit
                 model(input_ids=ids[nf:], attention_mask=mask[nf:], use_cache=False)
             base_hidden = self._captured.detach()
         keys = [("f", int(i)) for i in inputs["forget_index"]] + [("r", int(j)) for j in inputs["retain_index"]]
@@ -320,7 +322,7 @@ class GRUNTrainer(Trainer):
         if sorted(config.layers) != sorted(ours) or config.rank != next(iter(ours.values())).rank:
             raise GRUNError(f"checkpoint {resume_from_checkpoint} holds an adapter for layers {config.layers}, "
                             f"rank {config.rank}; this run trains layers {sorted(ours)}")
-        load_tensors(getattr(self.grun_model, _MODULES_ATTR)[self.grun_config.adapter_name], tensors)
+        load_adapter_weights(self.grun_model, tensors, self.grun_config.adapter_name)
 
 
 # ----------------------------------------------------------------------------------------------- API

@@ -1,0 +1,192 @@
+"""Which tokens a patched adapter edits in each forward: the one place that decides.
+
+Every forward of the backbone gets an explicit record (`Forward`): its first token's column in the whole
+sequence (`start`: the length of the KV cache it continues, 0 without one), its length and its 2-D
+attention mask. The tokens to edit come from the first of these that applies:
+
+1. `edit_at(model, positions=|mask=)`, an `EditSpec` for teacher-forced forwards (training, scoring):
+   columns of the whole sequence (a forward that starts the sequence indexes its own tokens), or with
+   `cached_prefix=True` the tokens of each forward itself.
+2. A `model.generate` call: before decoding, the patched `generate` records each row's last prompt token
+   (its column; left or right padding) as an `EditSpec`. The prefill edits it, whether it runs in one
+   forward or in chunks; decode steps start past it and are never edited; with `use_cache=False` every step
+   re-reads the prompt and edits the same column, so the tokens equal the cached run's.
+3. Otherwise a forward that starts a sequence is its own prompt: its last non-padding token per row.
+   A forward that continues a KV cache is not edited.
+
+`all` adapters edit every token of every forward; `mask` adapters edit only where 1 or 2 says, and raise
+a `GRUNError` when neither does (they used to do nothing without a word).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from grun_fast.errors import GRUNError
+
+Selection = tuple  # ("all", None) | ("index", LongTensor [B]) | ("mask", bool [B, T])
+
+
+@dataclass
+class EditSpec:
+    """Explicit edit positions: per-row columns [B] or a bool mask [B, S]; `relative`: index each forward's
+    own tokens instead of the sequence's columns. `low`/`high` bound the positions (read once, on the host)."""
+
+    kind: str
+    value: torch.Tensor
+    relative: bool = False
+    low: int = 0
+    high: int = 0
+    source: str = "edit_at"
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, relative: bool = False, source: str = "edit_at") -> "EditSpec":
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.is_floating_point() \
+                or positions.dtype == torch.bool:
+            shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise GRUNError(f"positions must be an integer tensor of shape [batch], got {shape}"
+                            f"{' ' + str(positions.dtype) if isinstance(positions, torch.Tensor) else ''}")
+        if positions.numel() == 0:
+            raise GRUNError("positions is empty: give one token per row")
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0:
+            raise GRUNError(f"positions must be >= 0 (token indices from the start), got {low}; negative indices "
+                            "are not counted from the end")
+        return cls("positions", positions.long(), relative, low, high, source)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, relative: bool = False) -> "EditSpec":
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise GRUNError(f"mask must have shape [batch, seq_len], got {shape}")
+        if mask.is_floating_point():
+            raise GRUNError(f"mask must be bool (or integer), got {mask.dtype}")
+        return cls("mask", mask.to(torch.bool), relative)
+
+
+@dataclass
+class Forward:
+    """What the current forward of the backbone looks like, and the selections worked out for it."""
+
+    start: int
+    attention_mask: torch.Tensor | None
+    selections: dict = field(default_factory=dict)
+
+
+def forward_record(kwargs: dict) -> Forward:
+    """The record of one backbone forward, from its keyword arguments (before it runs)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        mask = None  # a pre-built 4-D mask: fall back to the sequence end
+    return Forward(start=cached_length(cache), attention_mask=mask)
+
+
+def input_shape(args: tuple, kwargs: dict) -> tuple[int, int, torch.device] | None:
+    """(batch, length, device) of a backbone forward's input ids or embeddings, when it can be read."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        ids = kwargs.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return ids.shape[0], ids.shape[1], ids.device
+    return None
+
+
+def cached_length(cache) -> int:
+    """How many columns the KV cache already holds (0 for none)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):  # legacy tuple cache: ((k, v), ...)
+        return 0 if len(cache) == 0 or cache[0] is None else int(cache[0][0].shape[-2])
+    raise GRUNError(f"cannot tell how many tokens a KV cache of type {type(cache).__name__} holds")
+
+
+def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch: int, length: int,
+           device: torch.device, generating: bool) -> Selection | None:
+    """The tokens adapter `name` (positions `mode`) edits in this forward of `batch` rows of `length` tokens,
+    or None. Worked out once per forward (the backbone's pre-hook asks first, so errors come before any
+    layer runs)."""
+    if mode == "all":
+        return ("all", None)
+    key = "spec" if spec is not None else mode
+    if key not in forward.selections:
+        if spec is None and mode == "mask" and forward.start == 0:
+            raise GRUNError(f"adapter {name!r} has positions='mask': it edits only where grun_fast.edit_at(model, "
+                            "mask=...) or positions=... says, and this forward has neither. Wrap the call in "
+                            "edit_at, or use an adapter trained with positions='last_prompt'")
+        if spec is None:
+            start_of_sequence = forward.start == 0 and mode != "mask"
+            forward.selections[key] = _last_token(forward, batch, length, device) if start_of_sequence else None
+        else:
+            forward.selections[key] = _from_spec(forward, spec, batch, length, device, generating)
+    return forward.selections[key]
+
+
+def _last_token(forward: Forward, batch: int, length: int, device: torch.device) -> Selection:
+    mask = forward.attention_mask
+    if mask is None or mask.shape[-1] != length:
+        return ("index", torch.full((batch,), length - 1, dtype=torch.long, device=device))
+    steps = torch.arange(length, device=mask.device)  # the last column holding a real token; any padding side
+    return ("index", (mask.to(torch.long) * steps).argmax(-1).to(device))
+
+
+def _rows(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """`value` [n, ...] for a forward of `batch` rows; generate expands each prompt to batch / n rows in a row
+    (num_return_sequences, beams)."""
+    n = value.shape[0]
+    if n == batch:
+        return value
+    if batch % n == 0:
+        return value.repeat_interleave(batch // n, dim=0)
+    raise GRUNError(f"{what} has {n} rows but the forward has batch {batch}")
+
+
+def _from_spec(forward: Forward, spec: EditSpec, batch: int, length: int, device: torch.device,
+               generating: bool) -> Selection | None:
+    start = 0 if spec.relative else forward.start
+    what = "generate's prompt" if spec.source == "generate" else f"edit_at {spec.kind}"
+    if spec.kind == "mask":
+        value = _rows(spec.value, batch, what).to(device)
+        if spec.relative or (forward.start == 0 and not generating):
+            if value.shape[1] != length:
+                raise GRUNError(f"{what} has shape {tuple(spec.value.shape)} but the forward has batch {batch}, "
+                                f"length {length}")
+            return ("mask", value)
+        width = value.shape[1]
+        if start >= width:
+            return None
+        local = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        end = min(width, start + length)
+        local[:, : end - start] = value[:, start:end]
+        return ("mask", local)
+    if spec.high >= start + length and (spec.relative or (forward.start == 0 and not generating)):
+        raise GRUNError(f"{what} names token {spec.high}, past the end of this {length}-token forward")
+    if spec.high < start or spec.low >= start + length:
+        return None
+    local = _rows(spec.value, batch, what).to(device) - start
+    if spec.low >= start and spec.high < start + length:
+        return ("index", local)
+    steps = torch.arange(length, device=device)  # some rows' positions lie in another chunk
+    return ("mask", steps[None, :] == local[:, None])
+
+
+def prompt_spec(args: tuple, kwargs: dict) -> EditSpec | None:
+    """The last prompt token of each row of a `generate(...)` call (None when it has no prompt tensor)."""
+    ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs", kwargs.get("input_ids"))
+    if not isinstance(ids, torch.Tensor):
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return None
+    batch, width = ids.shape[0], ids.shape[1]
+    if width == 0:
+        return None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == (batch, width):
+        steps = torch.arange(width, device=mask.device)
+        ends = (mask.to(torch.long) * steps).argmax(-1)
+    else:
+        ends = torch.full((batch,), width - 1, dtype=torch.long, device=ids.device)
+    return EditSpec.from_positions(ends, source="generate")
