@@ -40,7 +40,7 @@ class _State:
     override: EditSpec | None = None      # from edit_at
     generation: EditSpec | None = None    # the running generate call's prompt ends
     disabled: frozenset = frozenset()     # adapter names switched off by disable_adapters
-    own_generate: object = None           # the instance attribute `generate` had before patching, if any
+    own_methods: dict = field(default_factory=dict)  # instance attributes the wrapped methods had before, if any
 
 
 def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str = DEFAULT_NAME) -> nn.Module:
@@ -114,10 +114,7 @@ def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:
     if not state.configs:
         for handle in state.handles:
             handle.remove()
-        if state.own_generate is not None:
-            model.generate = state.own_generate
-        else:
-            model.__dict__.pop("generate", None)
+        _restore_generate(model, state)
         delattr(model, _STATE_ATTR)
         delattr(model, _MODULES_ATTR)
     return model
@@ -232,15 +229,46 @@ def _backbone_pre_hook(state: _State):
     return hook
 
 
+# transformers' continuous batching packs requests into one row over a paged cache; the edit positions of
+# last_prompt / mask adapters are not recorded there yet, so these entry points refuse them (never silently
+# serve the unpatched model).
+_CONTINUOUS_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
+
 def _wrap_generate(model: nn.Module, state: _State) -> None:
     """`model.generate` records each row's last prompt token before it decodes (the edit positions of every
-    forward it runs: prefill, chunked prefill, use_cache=False steps)."""
-    original = getattr(model, "generate", None)
-    if original is None:
-        return
-    state.own_generate = model.__dict__.get("generate")
+    forward it runs: prefill, chunked prefill, use_cache=False steps); continuous batching checks first."""
+    for attr in ("generate", *_CONTINUOUS_BATCHING):
+        original = getattr(model, attr, None)
+        if original is None:
+            continue
+        if attr in model.__dict__:
+            state.own_methods[attr] = model.__dict__[attr]
+        wrap = _generate_wrapper if attr == "generate" else _continuous_batching_wrapper
+        setattr(model, attr, functools.wraps(original)(wrap(state, original, attr)))
 
-    @functools.wraps(original)
+
+def _restore_generate(model: nn.Module, state: _State) -> None:
+    for attr in ("generate", *_CONTINUOUS_BATCHING):
+        if attr in state.own_methods:
+            setattr(model, attr, state.own_methods[attr])
+        else:
+            model.__dict__.pop(attr, None)
+
+
+def _continuous_batching_wrapper(state: _State, original, attr: str):
+    def call(*args, **kwargs):
+        edited = [n for n, c in state.configs.items() if n not in state.disabled and c.positions != "all"]
+        if edited:
+            raise GRUNError(f"adapter {edited[0]!r} edits the last prompt token, which {attr}() (continuous "
+                            "batching over a paged cache) does not record yet: it would serve the model as if "
+                            "unpatched. Use model.generate, or an adapter with positions='all'")
+        return original(*args, **kwargs)
+
+    return call
+
+
+def _generate_wrapper(state: _State, original, attr: str):
     def generate(*args, **kwargs):
         modes = {n: c.positions for n, c in state.configs.items() if n not in state.disabled}
         spec = prompt_spec(args, kwargs)
@@ -260,7 +288,7 @@ def _wrap_generate(model: nn.Module, state: _State) -> None:
         finally:
             state.generation = previous
 
-    model.generate = generate
+    return generate
 
 
 def _layer_hook(state: _State, container: nn.ModuleDict, index: int):

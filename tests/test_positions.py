@@ -17,6 +17,17 @@ def strong(model, name="default"):
             module.bias.mul_(8)
 
 
+def patch_strong(model, positions="last_prompt", weights=None):
+    """Patch a strong adapter at layers 1 and 2 (seeded, or with the given weights); return its weights."""
+    torch.manual_seed(3)
+    grun_fast.patch(model, GRUNConfig(layers=[1, 2], positions=positions))
+    if weights is None:
+        strong(model)
+    else:
+        model.grun_adapters.load_state_dict(weights)
+    return {k: v.clone() for k, v in model.grun_adapters.state_dict().items()}
+
+
 def left_padded(prompts):
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -94,15 +105,11 @@ def test_chunked_prefill_edits_the_last_prompt_token_in_its_chunk(llama):
 def test_patch_and_generate_inside_inference_mode(llama):
     """Serving code loads adapters under torch.inference_mode; the fold cache used to crash there."""
     ids, mask = left_padded(PROMPTS)
-    torch.manual_seed(7)
-    grun_fast.patch(llama, GRUNConfig(layers=[1, 2]))
-    strong(llama)
+    weights = patch_strong(llama)
     want = greedy(llama, ids, mask)
-    weights = {k: v.clone() for k, v in llama.grun_adapters.state_dict().items()}
     grun_fast.unpatch(llama)
     with torch.inference_mode():
-        grun_fast.patch(llama, GRUNConfig(layers=[1, 2]))
-        llama.grun_adapters.load_state_dict(weights)
+        patch_strong(llama, weights=weights)
         got = llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got[:, ids.shape[1]:], want)
     assert not any(p.is_inference() for p in grun_fast.adapter_parameters(llama))
@@ -110,14 +117,10 @@ def test_patch_and_generate_inside_inference_mode(llama):
 
 def test_mask_adapter_in_generate_needs_edit_at(llama):
     ids, mask = left_padded(PROMPTS)
-    torch.manual_seed(3)
-    grun_fast.patch(llama, GRUNConfig(layers=[1, 2]))
-    strong(llama)
+    weights = patch_strong(llama)
     want = greedy(llama, ids, mask)
-    weights = {k: v.clone() for k, v in llama.grun_adapters.state_dict().items()}
     grun_fast.unpatch(llama)
-    grun_fast.patch(llama, GRUNConfig(layers=[1, 2], positions="mask"))
-    llama.grun_adapters.load_state_dict(weights)
+    patch_strong(llama, "mask", weights)
     with pytest.raises(GRUNError, match="positions='mask'.*generate"):
         greedy(llama, ids, mask)
     last = torch.zeros_like(mask, dtype=torch.bool)
@@ -185,17 +188,13 @@ def test_evaluation_generation_applies_mask_adapters_at_the_prompt_end(llama):
     from grun_fast.evaluation.generation import _Decoder
 
     prompts = [p.tolist() for p in PROMPTS]
-    torch.manual_seed(3)
-    grun_fast.patch(llama, GRUNConfig(layers=[1, 2]))
-    strong(llama)
+    weights = patch_strong(llama)
     decoder = _Decoder(llama, pad_id=0, eos_id=None, max_new_tokens=5)
     bar = type("Bar", (), {"update": lambda self, n: None})()
     want = decoder.run(prompts, 2, bar)
-    weights = {k: v.clone() for k, v in llama.grun_adapters.state_dict().items()}
     grun_fast.unpatch(llama)
     base = decoder.run(prompts, 2, bar)
-    grun_fast.patch(llama, GRUNConfig(layers=[1, 2], positions="mask"))
-    llama.grun_adapters.load_state_dict(weights)
+    patch_strong(llama, "mask", weights)
     assert decoder.run(prompts, 2, bar) == want and want != base
 
 
@@ -208,3 +207,14 @@ def test_evaluate_reports_no_gates_for_switched_off_adapters(llama):
     with grun_fast.disable_adapters(llama, "a"):
         assert set(gate_modules(llama)) == {"b"} and grun_fast.adapter_names(llama) == ["a", "b"]
         assert grun_fast.adapter_names(llama, enabled_only=True) == ["b"]
+
+
+def test_continuous_batching_refuses_adapters_it_would_skip(llama):
+    """generate_batch used to serve a last_prompt adapter as if unpatched; until it is supported it says so."""
+    grun_fast.patch(llama, GRUNConfig(layers=[1]))
+    with pytest.raises(GRUNError, match="generate_batch.*continuous"):
+        llama.generate_batch([[5, 9, 14]])
+    with pytest.raises(GRUNError, match="init_continuous_batching"):
+        llama.init_continuous_batching()
+    grun_fast.unpatch(llama)
+    assert "generate_batch" not in vars(llama) and "init_continuous_batching" not in vars(llama)
