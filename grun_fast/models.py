@@ -293,7 +293,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: Any = "auto", device: str
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
         except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            hint = "" if Path(source).exists() else f" (not a folder, a .gguf file or a short name: {', '.join(SHORT_NAMES)})"
+            hint = ("" if Path(source).exists()
+                    else f" (not a folder, a .gguf file or a short name: {', '.join(SHORT_NAMES)})")
             raise GRUNError(f"could not load the model {name}{hint}: {first}") from None
         tok = None if tokenizer is not None else load_tokenizer(source)
     if tokenizer is not None:

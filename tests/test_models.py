@@ -72,7 +72,8 @@ def test_hub_name_is_passed_through(monkeypatch):
         return tiny_model("llama")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: seen.append((name, kw)) or "tok")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, **kw: seen.append((name, kw)) or "tok")
     model, tokenizer = models.load_model("org/some-model", dtype="float32")
     assert tokenizer == "tok" and isinstance(model, transformers.LlamaForCausalLM)
     assert seen == [("org/some-model", {"dtype": torch.float32}), ("org/some-model", {})]
