@@ -57,14 +57,11 @@ def _check_adapters(model_path: str, adapters: list[str]) -> None:
     """Each adapter must fit the model's config (hidden size, layers, type): checked from the files alone."""
     if not adapters:
         return
-    from transformers import AutoConfig
-
     from grun_fast.adapters import read_adapter
 
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise GRUNError(f"cannot read the model config at {model_path}: {e}") from None
+    from grun_fast.models import load_config
+
+    config = load_config(model_path)
     config = getattr(config, "text_config", None) or config
     hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
     for path in adapters:
@@ -85,9 +82,11 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise GRUNError(f"--{name.replace('_', '-')} must be >= 1")
-    model_dir = Path(args.model)
-    if (model_dir.exists() or args.model.startswith((".", "/"))) and not (model_dir / "config.json").is_file():
-        raise GRUNError(f"{args.model} is not a model folder (no config.json)")
+    from grun_fast.models import check_model
+
+    check_model(args.model)
+    if args.retain_model:
+        check_model(args.retain_model)
     for path in args.adapter:
         if not Path(path).is_dir():
             raise GRUNError(f"adapter folder not found: {path}")
@@ -100,8 +99,6 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if len(mc) != len(args.mc):
         raise GRUNError("two --mc files share a file name; rename one")
     _check_adapters(args.model, args.adapter)
-    if args.retain_model and Path(args.retain_model).exists() and not (Path(args.retain_model) / "config.json").is_file():
-        raise GRUNError(f"--retain-model {args.retain_model} is not a model folder (no config.json)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise GRUNError(f"--out {out} exists and is not a folder")
