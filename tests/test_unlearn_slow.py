@@ -62,13 +62,17 @@ def tofu_base():
     return forget, retain, model, tok
 
 
-# NPO's forget term at the reference scale (x100) swamps the gate loss on this tiny model (measured: retain
-# ROUGE-L 0.997 -> 0.69, retain gate 0.28); x10 and x1 keep the gate sharp, so the test uses x10.
-@pytest.mark.parametrize("method, extra", [("gd", {}), ("npo", {"forget_scale": 10.0})])
-def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method, extra):
+# Each method at the library's defaults (NPO: forget_scale 100, DEFAULT_FORGET_SCALE). NPO at x100 is a known
+# failure on this tiny TOFU model (measured: forget ROUGE-L 0.990 -> 0.285, retain 0.997 -> 0.654; gate forget
+# 0.971, retain 0.244): strict xfail, so a fix shows up; the synthetic test below passes at x100.
+NPO_TOFU = pytest.param("npo", marks=pytest.mark.xfail(strict=True, reason="NPO x100 hurts retain rows on tiny TOFU"))
+
+
+@pytest.mark.parametrize("method", ["gd", NPO_TOFU])
+def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method):
     forget, retain, model, tok = tofu_base
     check_forgets(copy.deepcopy(model), tok, forget, retain, method, layers=[2, 3], max_steps=120,
-                  max_length=160, **extra)
+                  max_length=160)
 
 
 def _free_port() -> int:
@@ -115,7 +119,7 @@ def synthetic_base():
     return forget, retain, model, tok
 
 
-@pytest.mark.parametrize("method, extra", [("gd", {}), ("npo", {"forget_scale": 10.0})])
-def test_grun_forgets_synthetic_rows_on_a_memorising_model(synthetic_base, method, extra):
+@pytest.mark.parametrize("method", ["gd", "npo"])
+def test_grun_forgets_synthetic_rows_on_a_memorising_model(synthetic_base, method):
     forget, retain, model, tok = synthetic_base
-    check_forgets(copy.deepcopy(model), tok, forget, retain, method, gate="mlp", max_steps=150, **extra)
+    check_forgets(copy.deepcopy(model), tok, forget, retain, method, gate="mlp", max_steps=150)
