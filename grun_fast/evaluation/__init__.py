@@ -1,5 +1,6 @@
 """Evaluation: the TOFU protocol (probability, ROUGE-L, truth ratio, forget quality, model utility, gates),
 multiple choice (WMDP/MMLU), and report writers (JSON, Markdown, PNG)."""
+from grun_fast.evaluation.external import EditAtPromptEnd, prompt_end_positions
 from grun_fast.evaluation.multiple_choice import evaluate_multiple_choice, load_mc_file
 from grun_fast.evaluation.report import (
     comparison_markdown,
@@ -14,6 +15,7 @@ from grun_fast.evaluation.splits import split_kind, tofu_eval_splits, validate_s
 from grun_fast.evaluation.tofu import evaluate, forget_truth_ratios
 
 __all__ = [
+    "EditAtPromptEnd",
     "comparison_markdown",
     "evaluate",
     "evaluate_multiple_choice",
@@ -22,6 +24,7 @@ __all__ = [
     "load_run",
     "plot_splits",
     "plot_tradeoff",
+    "prompt_end_positions",
     "split_kind",
     "summary_markdown",
     "tofu_eval_splits",
