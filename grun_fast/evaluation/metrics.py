@@ -64,6 +64,18 @@ def truth_ratio_score(ratios: Sequence[float], forget: bool) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / t)))
 
 
+def truth_ratio_prob_mean(ratios: Sequence[float]) -> float:
+    """open-unlearning's ``prob_mean`` truth ratio: mean over questions of ``p_true / (p_true + p_false)`` with
+    ``p_true = exp(-Lbar(paraphrased))`` and ``p_false = exp(-mean_j Lbar(perturbed_j))``, i.e. ``t / (1 + t)``
+    for our ``t``. 1: the true answer wins outright, 0.5: no preference, 0: the wrong ones win. (Their
+    ``closer_to_1_better`` and ``true_better`` aggregates are ``truth_ratio_score`` with forget=True/False:
+    they write the ratio as ``1/t``; their 1e-10 guards are left out.)"""
+    t = _as_array(ratios, "truth ratios")
+    if np.any(t <= 0):
+        raise ValueError("truth ratios must be positive")
+    return float(np.mean(t / (1.0 + t)))
+
+
 def forget_quality(ratios: Sequence[float], retain_ratios: Sequence[float]) -> float:
     """p-value of the two-sample Kolmogorov-Smirnov test between the forget-split truth ratios of the
     evaluated model and those of a retain model (high = indistinguishable from never having learned)."""
@@ -111,6 +123,45 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
 
         _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return float(_ROUGE_SCORER.score(reference, prediction)["rougeL"].recall)
+
+
+LEAK_THRESHOLD = 0.5
+
+
+def leak_summary(recalls: Sequence[float], threshold: float = LEAK_THRESHOLD) -> dict[str, float | int]:
+    """How many generations still carry the original answer: ROUGE-L recall >= ``threshold`` (the longest
+    common subsequence covers at least that share of the answer's words, wherever it sits in the generation).
+    Returns ``{"count", "n", "rate", "threshold"}``."""
+    r = _as_array(recalls, "ROUGE-L recalls")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"leak threshold must be in (0, 1], got {threshold}")
+    count = int(np.sum(r >= threshold))
+    return {"count": count, "n": int(r.size), "rate": count / r.size, "threshold": float(threshold)}
+
+
+def exact_memorization(correct: Sequence[bool]) -> float:
+    """Share of an answer's tokens that the model's teacher-forced argmax predicts exactly (open-unlearning's
+    ``exact_memorization``, one answer). ``correct[i]``: argmax at answer token i equals the true token."""
+    c = np.asarray(correct, dtype=bool)
+    if c.ndim != 1 or c.size == 0:
+        raise ValueError("exact memorization needs at least one answer token")
+    return float(c.mean())
+
+
+def extraction_strength(correct: Sequence[bool]) -> float:
+    """open-unlearning's ``extraction_strength`` of one answer of n tokens: ``1 - k/n`` with k the shortest
+    true prefix after which the teacher-forced argmax reproduces every remaining token (k = n - length of the
+    trailing run of correct predictions; when none is correct, k = n - 1 as in their loop, giving 1/n).
+    1: the whole answer comes back from its first token; near 0: only its end. An empty answer scores 0."""
+    c = np.asarray(correct, dtype=bool)
+    if c.ndim != 1:
+        raise ValueError("extraction strength takes one answer's per-token flags")
+    n = c.size
+    if n == 0:
+        return 0.0
+    wrong = np.flatnonzero(~c)
+    k = 0 if wrong.size == 0 else min(int(wrong[-1]) + 1, n - 1)
+    return 1.0 - k / n
 
 
 def multiple_choice_accuracy(option_logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> float:

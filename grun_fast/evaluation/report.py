@@ -117,13 +117,18 @@ def summary_markdown(run: Mapping[str, Any]) -> str:
     rows = []
     for label, res in models:
         for name, s in res["splits"].items():
-            rows.append([label, name, s["n"], s["probability"], s["rouge_l"], s["truth_ratio"], mean_gate(s["gate"])])
+            rows.append([label, name, s["n"], s["probability"], s["rouge_l"], s["truth_ratio"],
+                         s.get("truth_ratio_prob_mean"), s.get("extraction_strength"), s.get("exact_memorization"),
+                         mean_gate(s["gate"])])
             if "paraphrased_question" in s:
                 pq = s["paraphrased_question"]
                 rows.append([label, f"{name} (paraphrased question)", s["n"], pq["probability"], pq["rouge_l"], None,
-                             mean_gate(pq["gate"])])
+                             None, None, None, mean_gate(pq["gate"])])
     lines += ["", "## Splits", ""]
-    lines += _table(["model", "split", "n", "probability", "ROUGE-L", "truth ratio", "mean gate"], rows)
+    lines += _table(["model", "split", "n", "probability", "ROUGE-L", "truth ratio", "truth ratio (prob_mean)",
+                     "extraction strength", "exact memorization", "mean gate"], rows)
+    lines += _leak_lines(models)
+    lines += _privacy_lines(models)
     lines += ["", "## Summary", ""]
     summary = []
     for label, res in models:
@@ -145,12 +150,73 @@ def summary_markdown(run: Mapping[str, Any]) -> str:
         lines += _table(["model", "split", "adapter"] + [f"layer {k}" for k in layer_keys],
                         [[label, part, adapter] + [layers.get(k) for k in layer_keys]
                          for label, part, adapter, layers in gate_rows])
+    lines += _sample_lines(run)
     mc_rows = [[label, name, mc["n"], mc["accuracy"], mean_gate(mc["gate"])]
                for label, res in models for name, mc in (res.get("multiple_choice") or {}).items()]
     if mc_rows:
         lines += ["", "## Multiple choice", ""]
         lines += _table(["model", "set", "n", "accuracy", "mean gate"], mc_rows)
     return "\n".join(lines) + "\n"
+
+
+def _leak_lines(models: list[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    rows = []
+    for label, res in models:
+        for name, s in res["splits"].items():
+            for part, leaks in ((name, s.get("leaks")),
+                                (f"{name} (paraphrased question)", s.get("paraphrased_question", {}).get("leaks"))):
+                if leaks:
+                    rows.append([label, part, leaks["count"], leaks["n"], leaks["rate"]])
+    if not rows:
+        return []
+    threshold = next(s["leaks"]["threshold"] for _, res in models for s in res["splits"].values() if s.get("leaks"))
+    return ["", f"## Leaks (generations with ROUGE-L recall >= {_fmt(threshold, 2)} against the original answer)",
+            ""] + _table(["model", "split", "leaks", "n", "rate"], rows)
+
+
+def _privacy_lines(models: list[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    rows = []
+    for label, res in models:
+        for name, p in (res.get("privleak") or {}).items():
+            mia = res["splits"][name].get("mia", {})
+            rows.append([label, name, mia.get("holdout_n"), mia.get("auc_min_k_plus_plus"), p.get("min_k_plus_plus"),
+                         mia.get("auc_min_k"), p.get("min_k"), p.get("reference_min_k_plus_plus")])
+    if not rows:
+        return []
+    return ["", "## Membership inference (forget vs holdout; privleak in %, 0 = like the retain model)", ""] + _table(
+        ["model", "split", "holdout n", "AUC Min-K++", "privleak Min-K++", "AUC Min-K", "privleak Min-K",
+         "reference"], rows)
+
+
+SAMPLES = 3
+
+
+def _clip(text: str, width: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _sample_lines(run: Mapping[str, Any]) -> list[str]:
+    """A few forget questions before and after the adapter: those that still leak after it first, then those
+    it stopped leaking, then the rest."""
+    baseline = run.get("baseline")
+    if not baseline:
+        return []
+    lines: list[str] = []
+    for name, s in run["metrics"]["splits"].items():
+        before = baseline["splits"].get(name, {}).get("rows")
+        if s.get("kind") != "forget" or not before or not s.get("rows"):
+            continue
+        after = s["rows"]
+        pairs = list(zip(before, after))
+        pairs.sort(key=lambda p: (not p[1].get("leak", False), not p[0].get("leak", False)))
+        lines += ["", f"## Sample generations: {name} (before / after the adapter)", ""]
+        for b, a in pairs[:SAMPLES]:
+            lines += [f"- Q: {_clip(a['question'])}", f"  - truth: {_clip(a['answer'])}",
+                      f"  - before (ROUGE-L {_fmt(b['rouge_l'], 2)}): {_clip(b['generation'])}",
+                      f"  - after (ROUGE-L {_fmt(a['rouge_l'], 2)}{', leak' if a.get('leak') else ''}): "
+                      f"{_clip(a['generation'])}"]
+    return lines
 
 
 def _pyplot():
@@ -237,7 +303,8 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
 def comparison_rows(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """One row per run: forget quality, model utility, forget/retain numbers and mean gates."""
     header = ["run", "forget quality", "model utility", "forget prob", "forget ROUGE-L", "forget truth ratio",
-              "para-q ROUGE-L", "retain ROUGE-L", "gate forget", "gate para-q", "gate retain"]
+              "para-q ROUGE-L", "retain ROUGE-L", "forget leak rate", "para-q leak rate", "forget ES",
+              "privleak", "gate forget", "gate para-q", "gate retain"]
     rows = []
     for run in runs:
         res = run["metrics"]
@@ -246,10 +313,12 @@ def comparison_rows(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
         retain = splits.get("retain", {})
         pq = forget.get("paraphrased_question", {})
         fq = next(iter((res.get("forget_quality") or {}).values()), None)
+        leak = next(iter((res.get("privleak") or {}).values()), {}).get("min_k_plus_plus")
         rows.append([run.get("meta", {}).get("label", "run"), fq, res.get("model_utility"),
                      forget.get("probability"), forget.get("rouge_l"), forget.get("truth_ratio"), pq.get("rouge_l"),
-                     retain.get("rouge_l"), mean_gate(forget.get("gate", {})), mean_gate(pq.get("gate", {})),
-                     mean_gate(retain.get("gate", {}))])
+                     retain.get("rouge_l"), (forget.get("leaks") or {}).get("rate"), (pq.get("leaks") or {}).get("rate"),
+                     forget.get("extraction_strength"), leak, mean_gate(forget.get("gate", {})),
+                     mean_gate(pq.get("gate", {})), mean_gate(retain.get("gate", {}))])
     return header, rows
 
 

@@ -6,6 +6,7 @@ greedy generations go through another. The formulas themselves live in ``metrics
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -14,10 +15,13 @@ from typing import Any
 import numpy as np
 
 from grun_fast.errors import GRUNError
-from grun_fast.evaluation import metrics
+from grun_fast.evaluation import metrics, privacy
 from grun_fast.evaluation.generation import generate
 from grun_fast.evaluation.scoring import answer_nll, gate_modules
-from grun_fast.evaluation.splits import FORGET, KNOWLEDGE, split_kind, validate_split
+from grun_fast.evaluation.splits import FORGET, KNOWLEDGE, RETAIN, split_kind, validate_split
+
+# open-unlearning's generation length (their configs/generation/default.yaml); see ``eos_token_ids``.
+MAX_NEW_TOKENS = 200
 
 
 def _retain_ratios_by_split(retain_truth_ratios: Any, forget_names: list[str]) -> dict[str, list[float]]:
@@ -42,6 +46,44 @@ def _retain_ratios_by_split(retain_truth_ratios: Any, forget_names: list[str]) -
     return out
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a generation: the model's generation config's ``eos_token_id`` (an id or a list, as
+    ``model.generate`` and open-unlearning stop at) plus the tokenizer's EOS. Chat models often list an
+    end-of-turn id besides EOS; stopping at the tokenizer's alone lets them run on past their answer."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and int(item) not in ids:
+                ids.append(int(item))
+    return ids
+
+
+def _generate(model: Any, tokenizer: Any, questions: list[dict], eos_ids: list[int], **kwargs: Any) -> list[str]:
+    """``generation.generate``, stopping at every id of ``eos_ids`` where it can take a set of them."""
+    if len(eos_ids) > 1 and "eos_token_ids" in inspect.signature(generate).parameters:
+        kwargs["eos_token_ids"] = eos_ids
+    return generate(model, tokenizer, questions, **kwargs)
+
+
+def _generation_settings(eos_ids: list[int]) -> dict[str, Any]:
+    applied = len(eos_ids) <= 1 or "eos_token_ids" in inspect.signature(generate).parameters
+    return {"eos_token_ids": eos_ids, "eos_token_ids_applied": applied}
+
+
+def _memorisation(model: Any, tokenizer: Any, rows: list[dict], *, template: str, batch_size: int,
+                  max_length: int, k: float, desc: str | None) -> list[dict[str, float]]:
+    stats = privacy.answer_token_stats(model, tokenizer, rows, template=template, batch_size=batch_size,
+                                       max_length=max_length, desc=desc)
+    return [privacy.row_scores(s, k) for s in stats]
+
+
+def _nanmean(values: list[float]) -> float | None:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else None
+
+
 def _mean_gates(gates: Mapping[str, Mapping[int, np.ndarray]]) -> dict[str, dict[str, float]]:
     return {name: {str(layer): float(np.mean(v)) for layer, v in layers.items()} for name, layers in gates.items()}
 
@@ -51,7 +93,8 @@ def _row_gates(gates: Mapping[str, Mapping[int, np.ndarray]], i: int) -> dict[st
 
 
 def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], modules: dict, *, batch_size: int,
-                    template: str, max_new_tokens: int, max_length: int, progress: bool) -> dict[str, Any]:
+                    template: str, max_new_tokens: int, max_length: int, progress: bool, eos_ids: list[int],
+                    mia_k: float) -> dict[str, Any]:
     kind = split_kind(name)
     n = len(rows)
     para_key = "answer" if kind == KNOWLEDGE else "paraphrased_answer"
@@ -78,9 +121,13 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
     questions = [{"question": r["question"]} for r in rows]
     if kind == FORGET:
         questions += [{"question": r["paraphrased_question"]} for r in rows]
-    texts = generate(model, tokenizer, questions, template=template, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, desc=f"{name}: generating" if progress else None)
+    texts = _generate(model, tokenizer, questions, eos_ids, template=template, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, desc=f"{name}: generating" if progress else None)
     rouge = [metrics.rouge_l_recall(texts[i], rows[i]["answer"]) for i in range(n)]
+    memo = None
+    if kind in (FORGET, RETAIN):
+        memo = _memorisation(model, tokenizer, rows, template=template, batch_size=batch_size,
+                             max_length=max_length, k=mia_k, desc=f"{name}: memorisation" if progress else None)
 
     ratios = metrics.truth_ratios(para, perturbed)
     if kind == KNOWLEDGE:
@@ -93,13 +140,23 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
         "probability": probability,
         "rouge_l": float(np.mean(rouge)),
         "truth_ratio": metrics.truth_ratio_score(ratios, forget=kind == FORGET),
+        "truth_ratio_prob_mean": metrics.truth_ratio_prob_mean(ratios),
         "gate": _mean_gates(answer_gates),
     }
+    if memo is not None:
+        result["extraction_strength"] = _nanmean([m["extraction_strength"] for m in memo])
+        result["exact_memorization"] = _nanmean([m["exact_memorization"] for m in memo])
+    if kind == FORGET:
+        result["leaks"] = metrics.leak_summary(rouge)
     row_out = []
     for i, r in enumerate(rows):
         item = {"question": r["question"], "answer": r["answer"], "generation": texts[i], "rouge_l": rouge[i],
                 "nll": float(answer[i]), "paraphrased_nll": float(para[i]), "perturbed_nll": perturbed[i],
                 "truth_ratio": float(ratios[i]), "gate": _row_gates(answer_gates, i)}
+        if memo is not None:
+            item.update(memo[i])
+        if kind == FORGET:
+            item["leak"] = rouge[i] >= metrics.LEAK_THRESHOLD
         row_out.append(item)
     if kind == FORGET:
         pq_nll = nll[pq_start:pq_start + n]
@@ -108,11 +165,13 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
         result["paraphrased_question"] = {
             "probability": metrics.answer_probability(pq_nll),
             "rouge_l": float(np.mean(pq_rouge)),
+            "leaks": metrics.leak_summary(pq_rouge),
             "gate": _mean_gates(pq_gates),
         }
         for i, item in enumerate(row_out):
             item["paraphrased_question"] = {"question": rows[i]["paraphrased_question"], "generation": texts[n + i],
-                                            "rouge_l": pq_rouge[i], "nll": float(pq_nll[i]),
+                                            "rouge_l": pq_rouge[i], "leak": pq_rouge[i] >= metrics.LEAK_THRESHOLD,
+                                            "nll": float(pq_nll[i]),
                                             "gate": _row_gates(pq_gates, i)}
     result["rows"] = row_out
     return result
@@ -121,8 +180,10 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
 def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[str, Any]]],
              adapter_name: str | Sequence[str] | None = None,
              retain_truth_ratios: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-             batch_size: int = 16, *, template: str = "plain", max_new_tokens: int = 128, max_length: int = 512,
-             progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 16, *, template: str = "plain", max_new_tokens: int = MAX_NEW_TOKENS,
+             max_length: int = 512, progress: bool = True, holdout: Sequence[Mapping[str, Any]] | None = None,
+             retain_mia_auc: float | Mapping[str, Any] | None = None, mia_k: float = privacy.MIA_K
+             ) -> dict[str, Any]:
     """Evaluate ``model`` (adapters applied as installed) on TOFU-style splits.
 
     splits: ``{name: rows}``; the name decides the kind (see ``splits``): ``forget*``, ``retain*`` or other.
@@ -130,8 +191,17 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
         model is always evaluated with every adapter it carries).
     retain_truth_ratios: the forget-split truth ratios ``t_i`` of a retain model (a list for the single forget
         split, or ``{split: list}``); gives ``forget_quality``.
+    holdout: rows (``question``, ``answer``) the model never trained on (TOFU's holdout01/05/10): with them
+        each forget split gets a membership-inference ``mia`` entry (Min-K% and Min-K%++ AUC, forget vs
+        holdout) and ``privleak`` against ``retain_mia_auc`` (see ``privacy``).
+    retain_mia_auc: the retain model's AUC on the same rows: a number (Min-K%++, the single forget split),
+        ``{split: number}`` or ``{split: {"min_k_plus_plus": auc, "min_k": auc}}`` (``forget_mia_auc`` reads
+        it from a saved evaluation). Without it privleak uses open-unlearning's default reference AUC 0.5.
+    Forget and retain splits also get extraction strength and exact memorisation (open-unlearning's); every
+    split the ``prob_mean`` truth ratio; forget splits (and their reworded questions) the leak count.
     Returns ``{"splits": {name: metrics}, "forget_quality": {split: p} , "model_utility": float | None,
-    "settings": {...}}``; every number is a plain float, so the dict is JSON as it stands.
+    "privleak": {split: {...}}, "settings": {...}}``; every number is a plain float, so the dict is JSON as it
+    stands.
     """
     if not splits:
         raise GRUNError("no splits to evaluate")
@@ -141,16 +211,30 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
     if batch_size < 1 or max_new_tokens < 1 or max_length < 2:
         raise GRUNError(f"batch_size and max_new_tokens must be >= 1 and max_length >= 2, got {batch_size}, "
                         f"{max_new_tokens}, {max_length}")
+    holdout_rows = _check_holdout(holdout) if holdout is not None else None
+    retain_auc = _retain_auc_by_split(retain_mia_auc, forget_names)
+    if retain_auc and holdout_rows is None:
+        raise GRUNError("retain_mia_auc needs holdout rows to compare the forget split with")
+    if not 0.0 < mia_k <= 1.0:
+        raise GRUNError(f"mia_k must be in (0, 1], got {mia_k}")
     modules = gate_modules(model, adapter_name)
     names = list(modules)
+    eos_ids = eos_token_ids(model, tokenizer)
 
     was_training = model.training
     model.eval()
     try:
         results = {name: _evaluate_split(model, tokenizer, name, rows, modules, batch_size=batch_size,
                                          template=template, max_new_tokens=max_new_tokens, max_length=max_length,
-                                         progress=progress)
+                                         progress=progress, eos_ids=eos_ids, mia_k=mia_k)
                    for name, rows in checked.items()}
+        leak_risk = {}
+        if holdout_rows is not None:
+            held = _memorisation(model, tokenizer, holdout_rows, template=template, batch_size=batch_size,
+                                 max_length=max_length, k=mia_k, desc="holdout: scoring" if progress else None)
+            for name in forget_names:
+                results[name]["mia"] = _mia(results[name]["rows"], held, mia_k)
+                leak_risk[name] = _privleak(results[name]["mia"], retain_auc.get(name))
     finally:
         model.train(was_training)
 
@@ -162,18 +246,77 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
         "splits": results,
         "forget_quality": quality,
         "model_utility": utility,
+        "privleak": leak_risk,
         "settings": {"adapters": names, "template": template, "max_new_tokens": max_new_tokens,
-                     "max_length": max_length, "batch_size": batch_size},
+                     "max_length": max_length, "batch_size": batch_size, "mia_k": mia_k,
+                     "holdout_n": len(holdout_rows) if holdout_rows is not None else None,
+                     **_generation_settings(eos_ids)},
     }
 
 
-def forget_truth_ratios(evaluation: Mapping[str, Any] | str | os.PathLike, split: str,
-                        questions: Sequence[str] | None = None) -> list[float]:
-    """The per-question truth ratios of ``split`` in a saved evaluation (an ``eval.json`` path, or the dict).
+ATTACKS = ("min_k_plus_plus", "min_k")
 
-    With ``questions``, the ratios of exactly those questions, in that order (a retain model evaluated on the
-    whole split serves a run on a subsample); a question it lacks is an error.
-    """
+
+def _check_holdout(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    rows = list(rows)
+    if not rows:
+        raise GRUNError("holdout is empty: the membership-inference AUC needs rows the model never saw")
+    for i, row in enumerate(rows):
+        for key in ("question", "answer"):
+            if not isinstance(row, Mapping) or not isinstance(row.get(key), str) or not row[key].strip():
+                raise GRUNError(f"holdout row {i}: needs a non-empty string {key!r}, got {row!r:.120}")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def _retain_auc_by_split(value: Any, forget_names: list[str]) -> dict[str, dict[str, float]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        if len(forget_names) != 1:
+            raise GRUNError(f"retain_mia_auc as a number needs exactly one forget split, got {forget_names or 'none'}")
+        value = {forget_names[0]: value}
+    out = {}
+    for name, aucs in value.items():
+        if name not in forget_names:
+            raise GRUNError(f"retain_mia_auc names split {name!r}, not a forget split being evaluated")
+        aucs = aucs if isinstance(aucs, Mapping) else {"min_k_plus_plus": aucs}
+        for attack, auc in aucs.items():
+            if attack not in ATTACKS:
+                raise GRUNError(f"retain_mia_auc[{name!r}]: unknown attack {attack!r} (known: {', '.join(ATTACKS)})")
+            if isinstance(auc, bool) or not isinstance(auc, (int, float)) or not 0.0 <= float(auc) <= 1.0:
+                raise GRUNError(f"retain_mia_auc[{name!r}][{attack!r}] must be a number in [0, 1], got {auc!r}")
+        out[name] = {a: float(v) for a, v in aucs.items()}
+    return out
+
+
+def _mia(forget_rows: list[dict], holdout: list[dict[str, float]], k: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"k": k, "holdout_n": len(holdout)}
+    for attack in ATTACKS:
+        out[f"auc_{attack}"] = privacy.mia_auc([r[attack] for r in forget_rows], [h[attack] for h in holdout])
+    return out
+
+
+def _privleak(mia: Mapping[str, Any], retain: Mapping[str, float] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attack in ATTACKS:
+        ref = (retain or {}).get(attack)
+        out[attack] = privacy.privleak(mia[f"auc_{attack}"], privacy.DEFAULT_REFERENCE_AUC if ref is None else ref)
+        out[f"reference_auc_{attack}"] = ref if ref is not None else privacy.DEFAULT_REFERENCE_AUC
+        out[f"reference_{attack}"] = "retain model" if ref is not None else "default 0.5 (no retain model AUC)"
+    return out
+
+
+def forget_mia_auc(evaluation: Mapping[str, Any] | str | os.PathLike, split: str) -> dict[str, float]:
+    """The Min-K%/Min-K%++ AUCs of ``split`` in a saved evaluation (a retain model's, for privleak)."""
+    result = _load_evaluation(evaluation)
+    mia = result.get("splits", {}).get(split, {}).get("mia") if isinstance(result, Mapping) else None
+    if not mia:
+        raise GRUNError(f"the retain evaluation has no membership-inference AUC for split {split!r}; evaluate the "
+                        "retain model with the same holdout rows")
+    return {attack: float(mia[f"auc_{attack}"]) for attack in ATTACKS if f"auc_{attack}" in mia}
+
+
+def _load_evaluation(evaluation: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:
     if not isinstance(evaluation, Mapping):
         path = os.fspath(evaluation)
         if not os.path.isfile(path):
@@ -183,7 +326,17 @@ def forget_truth_ratios(evaluation: Mapping[str, Any] | str | os.PathLike, split
                 evaluation = json.load(f)
         except json.JSONDecodeError as e:
             raise GRUNError(f"{path}: not a JSON evaluation file ({e})") from None
-    result = evaluation.get("metrics", evaluation)  # an eval.json, or evaluate()'s dict
+    return evaluation.get("metrics", evaluation)  # an eval.json, or evaluate()'s dict
+
+
+def forget_truth_ratios(evaluation: Mapping[str, Any] | str | os.PathLike, split: str,
+                        questions: Sequence[str] | None = None) -> list[float]:
+    """The per-question truth ratios of ``split`` in a saved evaluation (an ``eval.json`` path, or the dict).
+
+    With ``questions``, the ratios of exactly those questions, in that order (a retain model evaluated on the
+    whole split serves a run on a subsample); a question it lacks is an error.
+    """
+    result = _load_evaluation(evaluation)
     split_rows = result.get("splits", {}).get(split, {}).get("rows") if isinstance(result, Mapping) else None
     if not split_rows:
         have = sorted(result.get("splits", {})) if isinstance(result, Mapping) else []
