@@ -265,3 +265,41 @@ def test_bad_holdout_and_retain_auc(tiny):
         evaluate(model, tokenizer, splits, holdout=holdout, retain_mia_auc=1.5, **kw)
     with pytest.raises(GRUNError, match="no membership-inference AUC"):
         forget_mia_auc({"splits": {"forget": {}}}, "forget")
+
+
+def test_eval_command_holdout_gives_privleak_against_the_retain_run(tmp_path, tiny, capsys):
+    from grun_fast.evaluation import command
+    from tests.test_evaluation import _eval_args, _save_tiny
+
+    _, tokenizer = tiny
+    model, model_dir = _save_tiny(tmp_path, tokenizer)
+    _save_tiny(tmp_path, tokenizer, seed=1, name="retain")
+    grun_fast.patch(model, grun_fast.GRUNConfig(layers=[1]))
+    grun_fast.save_adapter(model, tmp_path / "adapter")
+    data = tmp_path / "tofu"
+    data.mkdir()
+    rows = _rows(4)
+    (data / "forget01.json").write_text("".join(json.dumps({k: r[k] for k in ("question", "answer")}) + "\n"
+                                                for r in rows))
+    (data / "forget01_perturbed.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    holdout = tmp_path / "holdout.jsonl"
+    holdout.write_text("".join(json.dumps({"question": f"Who is {n}?", "answer": f"{n} is a painter."}) + "\n"
+                               for n in ("Al", "Bea", "Cal")))
+    common = dict(data=data, split="forget01", no_utility=True, quiet=True, max_new_tokens=4, holdout=holdout)
+    assert command.run(_eval_args(model=tmp_path / "retain", out=tmp_path / "retain_run", **common)) == 0
+    retain = json.loads((tmp_path / "retain_run" / "eval.json").read_text())["metrics"]
+    assert retain["settings"]["max_new_tokens"] == 4 and retain["settings"]["holdout_n"] == 3
+    args = _eval_args(model=model_dir, adapter=[tmp_path / "adapter"], out=tmp_path / "run",
+                      retain_eval=tmp_path / "retain_run" / "eval.json", **common)
+    assert command.run(args) == 0
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())
+    p = res["metrics"]["privleak"]["forget01"]
+    assert p["reference_min_k_plus_plus"] == "retain model"
+    assert p["reference_auc_min_k_plus_plus"] == retain["splits"]["forget01"]["mia"]["auc_min_k_plus_plus"]
+    assert res["baseline"]["privleak"]["forget01"]["reference_min_k"] == "retain model"
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "## Leaks" in summary and "## Membership inference" in summary and "## Sample generations" in summary
+    assert _eval_args(model=model_dir, out=tmp_path / "x").max_new_tokens == 200
+    bad = _eval_args(model=model_dir, out=tmp_path / "bad", **dict(common, holdout=tmp_path / "none.jsonl"))
+    assert command.run(bad) == 2
+    assert "none.jsonl" in capsys.readouterr().err

@@ -39,11 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "evaluation is saved as OUT/retain_eval.json for reuse)")
     parser.add_argument("--mc", action="append", default=[], metavar="FILE",
                         help="multiple-choice JSONL (question, choices, answer), e.g. WMDP; repeatable")
+    parser.add_argument("--holdout", metavar="FILE|SPLIT", default=None,
+                        help="rows never trained on (question, answer; a JSONL/JSON/CSV file, or a TOFU split such "
+                             "as holdout01 read from --data): adds the Min-K%%/Min-K%%++ membership AUC and "
+                             "privleak on the forget split (against the retain model's AUC when --retain-eval or "
+                             "--retain-model was run with the same holdout)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--label", default=None, help="name of this run in reports (default: the --out folder name)")
     parser.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each split")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy generation length cap")
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="greedy generation length cap (200: open-unlearning's)")
     parser.add_argument("--max-length", type=int, default=512, help="longest prompt+answer scored, in tokens")
     parser.add_argument("--template", default="plain", choices=("plain", "chat"), help="prompt template")
     parser.add_argument("--no-baseline", action="store_true", help="with --adapter: skip the no-adapter baseline")
@@ -102,7 +108,29 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise GRUNError(f"--out {out} exists and is not a folder")
+    _prepare_holdout(args)
     return {"splits": splits, "retain_ratios": retain_ratios, "mc": mc, "out": out}
+
+
+def _prepare_holdout(args: argparse.Namespace) -> None:
+    """``args.holdout_rows`` (--holdout) and ``args.retain_mia_auc`` (from --retain-eval, when it has one)."""
+    from grun_fast.data.loading import load_rows
+    from grun_fast.evaluation.tofu import forget_mia_auc
+
+    args.holdout_rows, args.retain_mia_auc = None, None
+    if getattr(args, "holdout", None) is None:
+        return
+    try:
+        args.holdout_rows = load_rows(args.holdout, args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise GRUNError(f"--holdout {args.holdout}: {e}") from None
+    if args.max_rows:
+        args.holdout_rows = args.holdout_rows[:args.max_rows]
+    if args.retain_eval:
+        try:
+            args.retain_mia_auc = forget_mia_auc(args.retain_eval, args.split)
+        except GRUNError as e:
+            print(f"grun-fast eval: warning: {e}; privleak uses the default reference AUC 0.5", file=sys.stderr)
 
 
 def resolve_device(device: str) -> str:
@@ -128,7 +156,8 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
 
 def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "template": args.template, "max_new_tokens": args.max_new_tokens,
-            "max_length": args.max_length, "progress": not args.quiet}
+            "max_length": args.max_length, "progress": not args.quiet,
+            "holdout": getattr(args, "holdout_rows", None), "retain_mia_auc": getattr(args, "retain_mia_auc", None)}
 
 
 def _meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -169,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
             write_json({"meta": _meta(args, label="retain model", model=args.retain_model, adapters=[]),
                         "metrics": retain_result, "baseline": None}, plan["out"] / "retain_eval.json")
             retain_ratios = [r["truth_ratio"] for r in retain_result["splits"][args.split]["rows"]]
+            if retain_result.get("privleak"):
+                from grun_fast.evaluation.tofu import forget_mia_auc
+
+                args.retain_mia_auc = forget_mia_auc(retain_result, args.split)
 
         model, tokenizer = load_model(args.model, args.device, args.dtype)
         baseline = None

@@ -194,8 +194,8 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
     holdout: rows (``question``, ``answer``) the model never trained on (TOFU's holdout01/05/10): with them
         each forget split gets a membership-inference ``mia`` entry (Min-K% and Min-K%++ AUC, forget vs
         holdout) and ``privleak`` against ``retain_mia_auc`` (see ``privacy``).
-    retain_mia_auc: the retain model's AUC on the same rows: a number (Min-K%++, the single forget split),
-        ``{split: number}`` or ``{split: {"min_k_plus_plus": auc, "min_k": auc}}`` (``forget_mia_auc`` reads
+    retain_mia_auc: the retain model's AUC on the same rows: a number (Min-K%++) or ``{"min_k_plus_plus": auc,
+        "min_k": auc}`` for the single forget split, or ``{split: either}`` (``forget_mia_auc`` reads
         it from a saved evaluation). Without it privleak uses open-unlearning's default reference AUC 0.5.
     Forget and retain splits also get extraction strength and exact memorisation (open-unlearning's); every
     split the ``prob_mean`` truth ratio; forget splits (and their reworded questions) the leak count.
@@ -271,9 +271,9 @@ def _check_holdout(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 def _retain_auc_by_split(value: Any, forget_names: list[str]) -> dict[str, dict[str, float]]:
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    if not isinstance(value, Mapping) or (value and set(value) <= set(ATTACKS)):    # one split's AUC(s)
         if len(forget_names) != 1:
-            raise GRUNError(f"retain_mia_auc as a number needs exactly one forget split, got {forget_names or 'none'}")
+            raise GRUNError(f"retain_mia_auc for one split needs exactly one forget split, got {forget_names or 'none'}")
         value = {forget_names[0]: value}
     out = {}
     for name, aucs in value.items():
