@@ -4,7 +4,8 @@ File I/O only (`grun_fast.patching.save_adapter` / `patch` call it); nothing her
 
 Layout of an adapter folder:
     adapter_config.json          {"format": "grun_fast.adapter", "format_version": 1, "config": {...GRUNConfig},
-                                  "hidden_size", "num_layers", "model_type", "library_version"}
+                                  "hidden_size", "num_layers", "model_type", "library_version",
+                                  "prompt_format" (optional: the resolved prompt format it was trained with)}
     adapter_model.safetensors    "layers.<i>.rotation" [r, d] (the parameter: R is its rows orthonormalised
                                  by `grun_fast.module.orthonormalize`), "layers.<i>.weight" [r, d],
                                  "layers.<i>.bias" [r], "layers.<i>.gate.*" (the gate's Linear layers)
@@ -34,8 +35,10 @@ FORMAT = "grun_fast.adapter"
 FORMAT_VERSION = 1
 
 
-def adapter_metadata(model: nn.Module, config: GRUNConfig) -> dict:
-    """The adapter_config.json contents for an adapter with `config` on `model`."""
+def adapter_metadata(model: nn.Module, config: GRUNConfig, prompt_format: str | None = None) -> dict:
+    """The adapter_config.json contents for an adapter with `config` on `model`; `prompt_format`: the resolved
+    prompt format it was trained with ("plain", "chat" or a custom format string), recorded when given."""
+    extra = {} if prompt_format is None else {"prompt_format": prompt_format}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -44,6 +47,7 @@ def adapter_metadata(model: nn.Module, config: GRUNConfig) -> dict:
         "num_layers": _num_layers(model),
         "model_type": getattr(model.config, "model_type", None),
         "library_version": __version__,
+        **extra,
     }
 
 

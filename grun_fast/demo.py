@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from grun_fast.data.prompts import ENCODING_ID
 from grun_fast.errors import GRUNError
 from grun_fast.version import __version__
 
@@ -163,6 +164,7 @@ def cached_model(cache: Path, role: str, rows: list[dict], plan: Plan, tokenizer
     key = hashlib.sha256(json.dumps({
         "rows": rows, "plan": [plan.hidden_size, plan.num_layers, plan.base_epochs, plan.seed],
         "tokenizer": None if tokenizer is None else tokenizer.backend_tokenizer.to_str(), "version": __version__,
+        "encoding": ENCODING_ID,
     }, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache / f"demo-{role}-{key}"
     if (folder / "config.json").exists():

@@ -120,14 +120,16 @@ def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME) -> Path:
-    """Write adapter `name` of `model` to folder `path` (created; existing files replaced atomically)."""
+def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME,
+                 prompt_format: str | None = None) -> Path:
+    """Write adapter `name` of `model` to folder `path` (created; existing files replaced atomically);
+    `prompt_format`: the prompt format it was trained with, recorded in adapter_config.json."""
     config = adapter_config(model, name)
     tensors = {}
     for index, module in adapter_modules(model, name).items():
         for key, value in module.state_dict().items():
             tensors[f"layers.{index}.{key}"] = value.detach().float()
-    return write_adapter(path, adapter_metadata(model, config), tensors)
+    return write_adapter(path, adapter_metadata(model, config, prompt_format), tensors)
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = DEFAULT_NAME) -> None:

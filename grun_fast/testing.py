@@ -53,7 +53,7 @@ def untrained_tiny(rows: Sequence[dict], hidden_size: int = 32, num_layers: int 
                    vocab_size: int = 400, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer): a random small Llama and a tokenizer trained on ``rows`` (for fast tests of the
     training machinery, where what the model knows does not matter)."""
-    texts = [PLAIN_TEMPLATE.format(question=r.get("question", "")) + r["answer"] for r in rows]
+    texts = [PLAIN_TEMPLATE.format(question=r.get("question", "")) + " " + r["answer"] for r in rows]
     tokenizer = make_tiny_tokenizer(texts, vocab_size)
     return tiny_llama(tokenizer, hidden_size, num_layers, num_heads, seed=seed).eval(), tokenizer
 
@@ -61,7 +61,7 @@ def untrained_tiny(rows: Sequence[dict], hidden_size: int = 32, num_layers: int 
 def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                     vocab_size: int = 1500, extra_texts: Sequence[str] = (), epochs: int = 60,
                     lr: float = 3e-3, batch_size: int = 10, stop_loss: float = 0.01, seed: int = 0,
-                    template: str = "plain", max_length: int = 128, verbose: bool = False,
+                    template: str = "auto", max_length: int = 128, verbose: bool = False,
                     tokenizer: Any = None, progress: bool = False, desc: str = "base model") -> tuple[Any, Any]:
     """Fine-tune a fresh tiny Llama on ``rows`` (answer-only loss) until the mean epoch loss drops below
     ``stop_loss`` or ``epochs`` pass; returns ``(model, tokenizer)`` with the model in eval mode.
@@ -74,7 +74,7 @@ def train_tiny_base(rows: Sequence[dict], *, hidden_size: int = 128, num_layers:
         raise ValueError("train_tiny_base needs at least one row")
     texts = list(extra_texts)
     for r in rows:
-        texts.append(PLAIN_TEMPLATE.format(question=r.get("question", "")) + r["answer"])
+        texts.append(PLAIN_TEMPLATE.format(question=r.get("question", "")) + " " + r["answer"])
         texts += [r[k] for k in ("paraphrased_question", "paraphrased_answer") if k in r]
         texts += list(r.get("perturbed_answer", []))
     if tokenizer is None:

@@ -26,14 +26,15 @@ def rows():
 
 @pytest.fixture(scope="module")
 def tok(rows):
-    texts = [PLAIN_TEMPLATE.format(question=r["question"]) + r["answer"] for r in rows]
+    texts = [PLAIN_TEMPLATE.format(question=r["question"]) + " " + r["answer"] for r in rows]
     return make_tiny_tokenizer(texts, vocab_size=400)
 
 
 # ---------------------------------------------------------------- prompts
 def test_plain_template_is_exact():
-    assert format_prompt("Who?") == "Question: Who?\nAnswer: "
-    assert row_prompt({"question": "Who?", "answer": "x"}) == "Question: Who?\nAnswer: "
+    # the QA fine-tuning format: no trailing space; the answer is joined by one space (test_prompts.py)
+    assert format_prompt("Who?") == "Question: Who?\nAnswer:"
+    assert row_prompt({"question": "Who?", "answer": "x"}) == "Question: Who?\nAnswer:"
     assert row_prompt({"prompt": "Once upon", "answer": " a time"}) == "Once upon"
 
 
@@ -59,7 +60,8 @@ def test_encoding_matches_generation_prompt(tok, rows):
         p = prompt_ids(tok, r)
         assert e["input_ids"][:len(p)] == p and e["prompt_len"] == len(p)
         assert e["input_ids"][-1] == tok.eos_token_id
-        assert tok.decode(e["input_ids"][len(p):], skip_special_tokens=True) == r["answer"]
+        assert tok.decode(e["input_ids"][len(p):], skip_special_tokens=True) == " " + r["answer"]
+        assert e["input_ids"][:-1] == tok(format_prompt(r["question"]) + " " + r["answer"])["input_ids"]
 
 
 def test_padding_labels_and_edit_pos(tok, rows):

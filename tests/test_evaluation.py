@@ -150,8 +150,11 @@ def patched(tiny):
 
 def _manual_nll(model, tokenizer, row, edit: bool):
     """One row, no batching: prompt ids + answer ids + EOS, edit at prompt_len - 1, mean NLL by hand."""
-    p = tokenizer(f"Question: {row['question']}\nAnswer: ")["input_ids"]
-    a = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = f"Question: {row['question']}\nAnswer:"
+    p = tokenizer(prompt)["input_ids"]
+    joined = tokenizer(prompt + " " + row["answer"])["input_ids"]   # the answer joined by one space
+    assert joined[:len(p)] == p
+    a = joined[len(p):] + [tokenizer.eos_token_id]
     ids = torch.tensor([p + a])
     with torch.no_grad():
         if edit:
@@ -189,7 +192,7 @@ def test_answer_nll_edits_last_prompt_token_and_reads_its_gate(patched, answer_h
     # gate = sigmoid(g(h)) of layer 0's unedited output at the last prompt token
     module = grun_fast.adapter_modules(model)[0]
     for i, r in enumerate(rows):
-        p = tokenizer(f"Question: {r['question']}\nAnswer: ")["input_ids"]
+        p = tokenizer(f"Question: {r['question']}\nAnswer:")["input_ids"]
         h = _base_hidden(model, p)[0, len(p) - 1]
         want = torch.sigmoid(module.gate(h.to(module.gate.weight.dtype))).item()
         assert gates["default"][0][i] == pytest.approx(want, rel=1e-6)
@@ -234,7 +237,7 @@ def test_continuous_batching_matches_model_generate(patched, batch_size):
     eos = tokenizer.eos_token_id
     ours = generate(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=12)
     for r, text in zip(rows, ours):
-        ids = torch.tensor([tokenizer(f"Question: {r['question']}\nAnswer: ")["input_ids"]])
+        ids = torch.tensor([tokenizer(f"Question: {r['question']}\nAnswer:")["input_ids"]])
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, ids.shape[1]:].tolist()
         if eos in ref:

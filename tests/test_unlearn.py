@@ -7,7 +7,7 @@ import torch
 
 import grun_fast
 from grun_fast import GRUNError
-from grun_fast.data import make_authors, split_by_author, tokenize_rows
+from grun_fast.data import format_variants, make_authors, split_by_author, tokenize_rows
 from grun_fast.testing import untrained_tiny
 from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
 from grun_fast.unlearn import trainer as trainer_module
@@ -132,7 +132,10 @@ def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypat
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = trainer_module.answer_nll(logits, batch["labels"])[0]
     unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, **FAST)
-    assert len(calls) == 1 and torch.allclose(calls[0], expected, atol=1e-4)
+    # one reference per forget row and prompt-format variant (augmentation); the trained format's come first
+    n_formats = len(format_variants("auto", tok))
+    assert len(calls) == 1 and calls[0].shape == (n_formats * len(forget),)
+    assert torch.allclose(calls[0][:len(forget)], expected, atol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(data, monkeypatch):
@@ -174,7 +177,8 @@ def test_lower_layer_cache_gives_the_same_adapter_and_is_reused(data, monkeypatc
     assert caches[0] is None
     cache = caches[1]
     assert cache.skip == 2 and cache.enabled
-    assert cache.hits > 0 and cache.misses == len(cache.store) <= len(forget) + len(retain)
+    n_formats = len(format_variants("auto", tok))   # each row is cached once per prompt-format variant
+    assert cache.hits > 0 and cache.misses == len(cache.store) <= n_formats * (len(forget) + len(retain))
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
 
@@ -199,7 +203,8 @@ def test_prefix_cache_gives_the_same_adapter_and_is_reused(data, monkeypatch, me
     assert trainers[0].prefix_cache is None
     cache = trainers[1].prefix_cache
     assert cache.enabled and cache.checked and cache.skip == 1
-    assert cache.hits > 0 and cache.misses == len(cache.store) <= len(forget) + len(retain)
+    n_formats = len(format_variants("auto", tok))   # each row is cached once per prompt-format variant
+    assert cache.hits > 0 and cache.misses == len(cache.store) <= n_formats * (len(forget) + len(retain))
     assert logs[0] == pytest.approx(logs[1], rel=1e-4)
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k

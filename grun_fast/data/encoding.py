@@ -1,8 +1,9 @@
 """Rows -> token ids -> padded training tensors.
 
-Each example is prompt ids + answer ids (tokenised separately, so the prompt length is exact and equal to
-what generation sees). ``labels`` are -100 on the prompt and on padding; ``edit_pos`` = prompt_len - 1 is
-the last prompt token, the position GRUN edits in ``last_prompt`` mode.
+Each example is prompt ids + answer ids: the prompt tokenised on its own (exactly what generation sees),
+the answer's ids those the tokenizer gives the joined text after the prompt's
+(``prompts.encode_prompts_answers``). ``labels`` are -100 on the prompt and on padding; ``edit_pos`` =
+prompt_len - 1 is the last prompt token, the position GRUN edits in ``last_prompt`` mode.
 """
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from grun_fast.data.prompts import answer_ids_batch, prompt_ids_batch
+from grun_fast.data.prompts import encode_prompts_answers
 from grun_fast.errors import GRUNError
 
 IGNORE_INDEX = -100
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "plain",
+def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "auto",
                 max_length: int = 512, answer_key: str = "answer", question_key: str = "question",
                 add_eos: bool = True) -> list[dict[str, Any]]:
     """Rows -> ``[{"input_ids": list[int], "prompt_len": int}]`` (prompts and answers each tokenised in one
@@ -30,8 +31,10 @@ def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str
     missing = next((i for i, row in enumerate(rows) if not isinstance(row.get(answer_key), str)), None)
     if missing is not None:
         raise GRUNError(f"row {missing} has no string {answer_key!r}: {dict(rows[missing])!r:.200}")
-    prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
-    answers = answer_ids_batch(tokenizer, [row[answer_key] for row in rows], add_eos)
+    prompts, answers = encode_prompts_answers(tokenizer, rows, [row[answer_key] for row in rows], template,
+                                              question_key)
+    if add_eos and tokenizer.eos_token_id is not None:
+        answers = [a + [tokenizer.eos_token_id] for a in answers]
     out = []
     for i, (row, p, a) in enumerate(zip(rows, prompts, answers)):
         if not a:
@@ -43,7 +46,7 @@ def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str
     return out
 
 
-def encode_example(tokenizer: Any, row: Mapping[str, Any], template: str = "plain", max_length: int = 512,
+def encode_example(tokenizer: Any, row: Mapping[str, Any], template: str = "auto", max_length: int = 512,
                    answer_key: str = "answer", question_key: str = "question",
                    add_eos: bool = True) -> dict[str, Any]:
     """``encode_rows`` of one row."""
@@ -85,7 +88,7 @@ def pad_token_id_of(tokenizer: Any) -> int:
     return int(pid)
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "plain",
+def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "auto",
                   max_length: int = 512, padding_side: str = "right", answer_key: str = "answer",
                   question_key: str = "question", add_eos: bool = True) -> dict[str, torch.Tensor]:
     """Rows -> one padded batch (``input_ids, attention_mask, labels, edit_pos``)."""

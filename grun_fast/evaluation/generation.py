@@ -30,7 +30,7 @@ from grun_fast.evaluation.scoring import batches, edit_at_positions, keeps_logit
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
-             question_key: str = "question", template: str = "plain", batch_size: int = 16,
+             question_key: str = "question", template: str = "auto", batch_size: int = 16,
              max_new_tokens: int = 128, desc: str | None = None) -> list[str]:
     """Greedy continuations of each row's prompt (up to EOS, which is not returned, or ``max_new_tokens``)."""
     if max_new_tokens < 1:

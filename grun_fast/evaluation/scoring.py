@@ -89,7 +89,7 @@ def keeps_logits(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
-               answer_key: str = "answer", question_key: str = "question", template: str = "plain",
+               answer_key: str = "answer", question_key: str = "question", template: str = "auto",
                batch_size: int = 16, max_length: int = 512, gates: GateModules | None = None,
                desc: str | None = None) -> tuple[np.ndarray, dict[str, dict[int, np.ndarray]]]:
     """Mean token NLL of ``row[answer_key]`` given the prompt of ``row[question_key]``, per row.

@@ -180,7 +180,7 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
 def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[str, Any]]],
              adapter_name: str | Sequence[str] | None = None,
              retain_truth_ratios: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-             batch_size: int = 16, *, template: str = "plain", max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = 16, *, template: str = "auto", max_new_tokens: int = MAX_NEW_TOKENS,
              max_length: int = 512, progress: bool = True, holdout: Sequence[Mapping[str, Any]] | None = None,
              retain_mia_auc: float | Mapping[str, Any] | None = None, mia_k: float = privacy.MIA_K
              ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from grun_fast.data.prompts import parse_template_arg
 from grun_fast.errors import GRUNError
 from grun_fast.models import MODEL_HELP
 from grun_fast.unlearn.config import UnlearnConfig
@@ -60,8 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gate", choices=("linear", "mlp"), default=d.gate)
     m.add_argument("--positions", choices=("last_prompt", "all", "mask"), default=d.positions)
     m.add_argument("--adapter-name", default=d.adapter_name, help="name of the new adapter (stacking)")
-    m.add_argument("--template", choices=("plain", "chat"), default=d.template,
-                   help="prompt format: 'Question: q\\nAnswer: ' or the tokenizer's chat template")
+    m.add_argument("--template", default=d.template,
+                   help="prompt format: auto (default: the tokenizer's chat template if it has one, else plain), "
+                        "plain ('Question: q\\nAnswer:' + ' ' + answer), chat, or a format string with one "
+                        "{question}, e.g. 'Q: {question}\\nA:' (\\n and \\t are read as newline and tab)")
+    m.add_argument("--no-format-augmentation", action="store_true",
+                   help="train on the format itself only (default: each row's prompt drawn from its variants: "
+                        "trailing space/newline or none, chat with/without system prompt, the bare question)")
 
     h = parser.add_argument_group("training")
     h.add_argument("--epochs", type=int, default=d.epochs, help="passes over the forget set")
@@ -97,7 +103,8 @@ def _config(args: argparse.Namespace) -> UnlearnConfig:
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm, lambda_r=args.lambda_r, lambda_g=args.lambda_g,
         forget_scale=args.forget_scale, beta=args.beta, rmu_coefficient=args.rmu_coefficient,
-        rmu_layer=args.rmu_layer, template=args.template, max_length=args.max_length, seed=args.seed,
+        rmu_layer=args.rmu_layer, template=parse_template_arg(args.template),
+        augment_formats=not args.no_format_augmentation, max_length=args.max_length, seed=args.seed,
         save_steps=args.save_steps, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
 

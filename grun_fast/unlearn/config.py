@@ -38,6 +38,12 @@ class UnlearnConfig:
     lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 100; idk, rmu: 1, 1).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
+    template: prompt format: "auto" (the tokenizer's chat template when it has one, else "plain"), "plain",
+        "chat", or a format string with one {question} (``grun_fast.data.prompts``); the adapter records the
+        resolved format.
+    augment_formats: draw each training row's prompt (forget and retain alike, seeded by its position in the
+        run) from the variants of the format (``prompts.format_variants``: trailing space/newline or none,
+        chat with/without system prompt, the bare question), so the gate learns the content, not the format.
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
@@ -64,7 +70,8 @@ class UnlearnConfig:
     beta: float = 0.1
     rmu_coefficient: float = 300.0
     rmu_layer: int | None = None
-    template: str = "plain"
+    template: str = "auto"
+    augment_formats: bool = True
     max_length: int = 256
     seed: int = 0
     save_steps: int | None = None
@@ -104,7 +111,7 @@ class UnlearnConfig:
             value = getattr(self, name)
             if (value is not None or name == "seed") and (isinstance(value, bool) or not isinstance(value, int)):
                 raise GRUNError(f"{name} must be an integer, got {value!r}")
-        for name in ("gradient_checkpointing", "progress"):
+        for name in ("gradient_checkpointing", "progress", "augment_formats"):
             if not isinstance(getattr(self, name), bool):
                 raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
@@ -118,10 +125,7 @@ class UnlearnConfig:
             raise GRUNError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
             raise GRUNError(f"adapter_name must be a non-empty string without dots, got {self.adapter_name!r}")
-        try:
-            check_template(self.template)
-        except ValueError as e:
-            raise GRUNError(str(e)) from None
+        check_template(self.template)
         if self.lambda_r is None:
             self.lambda_r = DEFAULT_LAMBDA_R[self.method]
         if self.forget_scale is None:

@@ -35,7 +35,7 @@ from grun_fast.architectures import locate
 from grun_fast.data.collate import ForgetSchedule, PairedCollator
 from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
 from grun_fast.data.loading import validate_rows
-from grun_fast.data.prompts import row_prompt
+from grun_fast.data.prompts import format_variants, resolve_template, row_prompt
 from grun_fast.data.refusals import with_refusals
 from grun_fast.errors import GRUNError
 from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, disable_adapters, edit_at,
@@ -132,8 +132,10 @@ class GRUNTrainer(Trainer):
     """``Trainer`` with the GRUN objective; checkpoints hold only the adapter (plus optimiser state)."""
 
     def __init__(self, *args: Any, grun_model: nn.Module, grun_config: UnlearnConfig,
-                 reference: torch.Tensor | None = None, pad_token_id: int = 0, **kwargs: Any):
+                 reference: torch.Tensor | None = None, pad_token_id: int = 0, prompt_format: str | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.prompt_format = prompt_format    # the resolved prompt format, recorded in adapter_config.json
         self.grun_model = grun_model          # the unwrapped model that carries the patch state
         self.grun_config = grun_config
         self.reference = reference            # NPO: S_ref per forget row
@@ -313,7 +315,7 @@ class GRUNTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        save_adapter(self.grun_model, output_dir, self.grun_config.adapter_name)
+        save_adapter(self.grun_model, output_dir, self.grun_config.adapter_name, prompt_format=self.prompt_format)
         _write_text(Path(output_dir) / CONFIG_NAME, self.grun_config.to_json())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -364,6 +366,15 @@ def _restore_placement(model: nn.Module, placement: Mapping[tuple[nn.Module, str
                     t.data = t.data.to(device)
                 else:
                     m._buffers[name] = t.to(device)
+
+
+def training_formats(prompt_format: str, tokenizer: Any, augment: bool, rows: Sequence[Mapping]) -> list[str]:
+    """The prompt formats training rows are encoded in: the resolved format first, then (``augment``) its
+    variants (``prompts.format_variants``). Document rows (a ``prompt`` key) look the same in every format,
+    so a run of documents only is not augmented."""
+    if not augment or all("prompt" in row for row in rows):
+        return [prompt_format]
+    return list(format_variants(prompt_format, tokenizer).values())
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
@@ -466,19 +477,22 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     if config.batch_size % world:
         raise GRUNError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
 
-    # ---- data
+    # ---- data: every row encoded in the resolved format and, with augment_formats, in each of its variants
+    prompt_format = resolve_template(config.template, tokenizer)
+    formats = training_formats(prompt_format, tokenizer, config.augment_formats, forget_rows + retain_rows)
     try:
         if config.method == "idk":
             forget_rows = with_refusals(forget_rows, seed=config.seed)
-        forget_ex = encode_rows(tokenizer, forget_rows, config.template, config.max_length)
-        retain_ex = encode_rows(tokenizer, retain_rows, config.template, config.max_length)
+        forget_vars = [encode_rows(tokenizer, forget_rows, f, config.max_length) for f in formats]
+        retain_vars = [encode_rows(tokenizer, retain_rows, f, config.max_length) for f in formats]
     except ValueError as e:
         raise GRUNError(f"could not tokenise the data: {e}") from None
+    forget_ex = forget_vars[0]
     steps = config.max_steps or math.ceil(config.epochs * len(forget_ex) / config.batch_size)
     schedule = ForgetSchedule(forget_ex, epochs=math.ceil(steps * config.batch_size / len(forget_ex)),
-                              seed=config.seed)
+                              seed=config.seed, variants=forget_vars[1:])
     schedule.order = schedule.order[: steps * config.batch_size]
-    collator = PairedCollator(retain_ex, pad_id, seed=config.seed)
+    collator = PairedCollator(retain_vars[0], pad_id, seed=config.seed, variants=retain_vars[1:])
 
     use_ckpt_dir = ckpt_dir is not None and bool(config.save_steps or resume_from)
     scratch = None if use_ckpt_dir else tempfile.mkdtemp(prefix="grun-unlearn-")
@@ -513,7 +527,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
             p.requires_grad_(False)
         reference = None
         if config.method == "npo":
-            reference = reference_nll(model, forget_ex, pad_id, config.reference_batch_size, device)
+            reference = reference_nll(model, schedule.all_examples, pad_id, config.reference_batch_size, device)
         torch.manual_seed(config.seed)
         patch(model, grun_config, config.adapter_name)
         for p in (p for m in adapter_modules(model, config.adapter_name).values() for p in m.parameters()):
@@ -526,12 +540,13 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
             model.enable_input_require_grads()
             checkpointing = True
         trainer = GRUNTrainer(model=model, args=args, train_dataset=schedule, data_collator=collator,
-                              grun_model=model, grun_config=config, reference=reference, pad_token_id=pad_id)
+                              grun_model=model, grun_config=config, reference=reference, pad_token_id=pad_id,
+                              prompt_format=prompt_format)
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
         if out is not None and trainer.args.should_save:
-            save_adapter(model, out, config.adapter_name)
+            save_adapter(model, out, config.adapter_name, prompt_format=prompt_format)
             _write_text(out / CONFIG_NAME, config.to_json())
             _write_text(out / LOG_NAME, json.dumps(trainer.state.log_history, indent=1) + "\n")
         trainer.accelerator.wait_for_everyone()
