@@ -51,7 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200,
                         help="greedy generation length cap (200: open-unlearning's)")
     parser.add_argument("--max-length", type=int, default=512, help="longest prompt+answer scored, in tokens")
-    parser.add_argument("--template", default="plain", choices=("plain", "chat"), help="prompt template")
+    parser.add_argument("--template", default=None,
+                        help="prompt format: auto, plain, chat or a format string with one {question} (\\n read as "
+                             "a newline); default: the format the adapter was trained with (its "
+                             "adapter_config.json), else auto (the chat template if the tokenizer has one, else "
+                             "plain)")
+    parser.add_argument("--no-format-gates", action="store_true",
+                        help="with --adapter: skip the mean gate per prompt-format variant (trailing space/newline "
+                             "or none, chat with/without system prompt, bare question)")
     parser.add_argument("--no-baseline", action="store_true", help="with --adapter: skip the no-adapter baseline")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -59,10 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _check_adapters(model_path: str, adapters: list[str]) -> None:
-    """Each adapter must fit the model's config (hidden size, layers, type): checked from the files alone."""
+def _check_adapters(model_path: str, adapters: list[str]) -> list[str | None]:
+    """Each adapter must fit the model's config (hidden size, layers, type): checked from the files alone.
+    Returns each adapter's recorded prompt format (None where it has none)."""
     if not adapters:
-        return
+        return []
+    formats = []
     from grun_fast.adapters import read_adapter
 
     from grun_fast.models import load_config
@@ -78,6 +87,21 @@ def _check_adapters(model_path: str, adapters: list[str]) -> None:
                                 f"{have!r} (an adapter for another model?)")
         if layers is not None:
             meta["config"].resolve_layers(int(layers))
+        formats.append(meta.get("prompt_format"))
+    return formats
+
+
+def resolve_eval_template(explicit: str | None, adapter_formats: list[str | None]) -> str:
+    """``--template`` when given; else the format the adapters were trained with; else ``auto``."""
+    from grun_fast.data.prompts import check_template, parse_template_arg
+
+    if explicit is not None:
+        return parse_template_arg(explicit)
+    recorded = sorted({f for f in adapter_formats if f is not None})
+    if len(recorded) > 1:
+        raise GRUNError(f"the adapters were trained with different prompt formats ({', '.join(map(repr, recorded))}); "
+                        "choose one with --template")
+    return check_template(recorded[0]) if recorded else "auto"
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,7 +128,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     mc = {Path(p).stem: load_mc_file(p, args.max_rows) for p in args.mc}
     if len(mc) != len(args.mc):
         raise GRUNError("two --mc files share a file name; rename one")
-    _check_adapters(args.model, args.adapter)
+    args.template = resolve_eval_template(args.template, _check_adapters(args.model, args.adapter))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise GRUNError(f"--out {out} exists and is not a folder")
@@ -170,10 +194,16 @@ def _meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _evaluate_all(model, tokenizer, plan: dict, args: argparse.Namespace, retain_ratios) -> dict[str, Any]:
+    import grun_fast
     from grun_fast.evaluation.multiple_choice import evaluate_multiple_choice
     from grun_fast.evaluation.tofu import evaluate
 
     result = evaluate(model, tokenizer, plan["splits"], retain_truth_ratios=retain_ratios, **_eval_kwargs(args))
+    if args.adapter and grun_fast.adapter_names(model, enabled_only=True) and not args.no_format_gates:
+        from grun_fast.evaluation.formats import format_gates
+
+        result["format_gates"] = format_gates(model, tokenizer, plan["splits"], args.template,
+                                              batch_size=args.batch_size)
     if plan["mc"]:
         result["multiple_choice"] = {
             name: evaluate_multiple_choice(model, tokenizer, rows, batch_size=args.batch_size, progress=not args.quiet)
@@ -183,7 +213,7 @@ def _evaluate_all(model, tokenizer, plan: dict, args: argparse.Namespace, retain
 
 def run(args: argparse.Namespace) -> int:
     import grun_fast
-    from grun_fast.evaluation.report import summary_markdown, write_json, write_run
+    from grun_fast.evaluation.report import summary_markdown, write_json, write_run, write_text
     from grun_fast.evaluation.tofu import evaluate
 
     try:
@@ -218,6 +248,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_data = {"meta": _meta(args), "metrics": metrics, "baseline": baseline}
     paths = write_run(run_data, plan["out"])
-    print(summary_markdown(run_data))
+    summary = summary_markdown(run_data)
+    if metrics.get("format_gates"):
+        from grun_fast.evaluation.formats import format_gates_markdown
+
+        summary += "\n" + format_gates_markdown(metrics["format_gates"])
+        write_text(summary, paths["markdown"])
+    print(summary)
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
