@@ -281,7 +281,7 @@ def assert_untouched(model, out):
     ("rmu_layer", "rmu_layer 0 lies below"),
     ("batch_world", "not divisible"),
     ("save_no_out", "save_steps needs an output folder"),
-    ("resume_missing", "no checkpoint"),
+    ("resume_missing", "no complete checkpoint"),
 ])
 def test_bad_input_fails_before_any_work(tiny, data, tmp_path, monkeypatch, case, match):
     model, tok = tiny

@@ -42,9 +42,32 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     proc.wait()
     assert not (out / "adapter_model.safetensors").exists()
 
-    subprocess.run(command(tmp_path, out, "--save-steps", "5", "--resume"), check=True, env=env, capture_output=True)
+    resumed_run = subprocess.run(command(tmp_path, out, "--save-steps", "5", "--resume"), env=env,
+                                 capture_output=True, text=True)
+    left = sorted(p.name for p in checkpoints.iterdir())
+    assert resumed_run.returncode == 0, f"checkpoints {left}: {resumed_run.stderr[-3000:]}"
     whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     resumed = load_file(str(out / "adapter_model.safetensors"))
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    """The Trainer writes trainer_state.json last: a folder without it (or with it cut short) was being written
+    when the run died. resume=True takes the newest complete one; naming the broken one is a GRUNError."""
+    from grun_fast import GRUNError
+    from grun_fast.unlearn.trainer import _resolve_resume
+
+    ckpt = tmp_path / "checkpoints"
+    for step, state in ((5, "{}"), (10, None), (15, '{"global_st')):
+        folder = ckpt / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (folder / name).write_text("x")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    with pytest.warns(UserWarning, match="checkpoint-15: its trainer_state.json is cut short"):
+        assert _resolve_resume(True, ckpt) == str(ckpt / "checkpoint-5")
+    with pytest.raises(GRUNError, match="checkpoint-10: it has no trainer_state.json"):
+        _resolve_resume(ckpt / "checkpoint-10", ckpt)

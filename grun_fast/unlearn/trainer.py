@@ -398,17 +398,39 @@ def check_rows(forget_rows: Sequence[Mapping], retain_rows: Sequence[Mapping]) -
     return forget, retain
 
 
+def _incomplete(checkpoint: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None if it can). The Trainer writes trainer_state.json
+    last, so a run killed while checkpointing leaves a folder without it (or with it cut short)."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json"):
+        if not (checkpoint / name).is_file():
+            return f"it has no {name}"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its trainer_state.json is cut short"
+    return None
+
+
 def _resolve_resume(resume: bool | str | os.PathLike | None, ckpt_dir: Path | None) -> str | None:
+    """The checkpoint to resume from: with resume=True the newest complete one (a run killed mid-checkpoint
+    leaves an incomplete newest folder, which is skipped with a warning)."""
     if not resume:
         return None
     if resume is True:
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir is not None and ckpt_dir.is_dir() else None
-        if last is None:
-            raise GRUNError(f"resume=True but there is no checkpoint under {ckpt_dir}")
-        return last
+        found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]), reverse=True) if ckpt_dir is not None and ckpt_dir.is_dir() else []
+        for checkpoint in found:
+            reason = _incomplete(checkpoint)
+            if reason is None:
+                return str(checkpoint)
+            warnings.warn(f"skipping checkpoint {checkpoint}: {reason} (the run stopped while writing it)", stacklevel=3)
+        raise GRUNError(f"resume=True but there is no complete checkpoint under {ckpt_dir}")
     path = Path(resume)
     if not path.is_dir():
         raise GRUNError(f"checkpoint to resume from not found: {path}")
+    reason = _incomplete(path)
+    if reason is not None:
+        raise GRUNError(f"cannot resume from {path}: {reason}")
     return str(path)
 
 
