@@ -90,9 +90,9 @@ def test_unlearn_and_eval_commands_carry_the_prompt_format(tmp_path, capsys):
 def test_augmented_adapter_fires_under_every_format_variant():
     """A tiny model fine-tuned on 'Question: q\\nAnswer: a'; a gated-GD adapter trained with format augmentation
     (the default) must open on forget questions and stay shut on retain questions in every variant."""
-    bench = make_benchmark(4, 10, 1, seed=0)
-    model, tok = train_tiny_base(bench["forget"] + bench["retain"], hidden_size=64, num_layers=4, epochs=40)
-    unlearn(model, tok, bench["forget"], bench["retain"], max_steps=80, gate="mlp", progress=False)
+    bench = make_benchmark(4, 10, 1, seed=0)     # the demo's settings, smaller: 10 forget rows, 30 retain rows
+    model, tok = train_tiny_base(bench["forget"] + bench["retain"], hidden_size=128, num_layers=4, epochs=60)
+    unlearn(model, tok, bench["forget"], bench["retain"], max_steps=150, gate="mlp", progress=False)
     result = format_gates(model, tok, {"forget": bench["forget"], "retain": bench["retain"]})
     assert list(result["variants"]) == ["as trained", "cue + space", "cue + newline", "bare question"]
     for label, v in result["variants"].items():
