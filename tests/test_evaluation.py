@@ -301,13 +301,20 @@ def test_continuous_batching_every_architecture(model_type):
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=8, pad_token_id=0, eos_token_id=eos)[0, len(prompt):].tolist()
-        return out[:out.index(eos)] if eos in out else out
+        ends = [i for i, t in enumerate(out) if t in (eos if isinstance(eos, list) else [eos])]
+        return out[:ends[0]] if ends else out
 
     eos = reference(prompts[0], None)[3]          # the first row stops early, others may not
     expected = [reference(p, eos) for p in prompts]
-    got = _Decoder(model, pad_id=0, eos_id=eos, max_new_tokens=8).run(prompts, 3, tqdm(disable=True))
+    got = _Decoder(model, pad_id=0, eos_ids={eos}, max_new_tokens=8).run(prompts, 3, tqdm(disable=True))
     assert got == expected
     assert len({len(t) for t in got}) > 1
+    # several end ids (a chat model's end-of-turn besides EOS): each row stops at the first of them
+    second = reference(prompts[1], None)[2]
+    stops = [eos, second]
+    expected = [reference(p, stops) for p in prompts]
+    got = _Decoder(model, pad_id=0, eos_ids=set(stops), max_new_tokens=8).run(prompts, 3, tqdm(disable=True))
+    assert got == expected and got != [reference(p, eos) for p in prompts]
 
 
 def test_evaluate_numbers_follow_from_row_scores(patched):

@@ -189,7 +189,7 @@ def test_evaluation_generation_applies_mask_adapters_at_the_prompt_end(llama):
 
     prompts = [p.tolist() for p in PROMPTS]
     weights = patch_strong(llama)
-    decoder = _Decoder(llama, pad_id=0, eos_id=None, max_new_tokens=5)
+    decoder = _Decoder(llama, pad_id=0, eos_ids=set(), max_new_tokens=5)
     bar = type("Bar", (), {"update": lambda self, n: None})()
     want = decoder.run(prompts, 2, bar)
     grun_fast.unpatch(llama)

@@ -31,14 +31,17 @@ from grun_fast.evaluation.scoring import batches, edit_at_positions, keeps_logit
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
              question_key: str = "question", template: str = "auto", batch_size: int = 16,
-             max_new_tokens: int = 128, desc: str | None = None) -> list[str]:
-    """Greedy continuations of each row's prompt (up to EOS, which is not returned, or ``max_new_tokens``)."""
+             max_new_tokens: int = 128, desc: str | None = None,
+             eos_token_ids: Sequence[int] | None = None) -> list[str]:
+    """Greedy continuations of each row's prompt, up to the first of ``eos_token_ids`` (default: the
+    tokenizer's EOS; not returned) or ``max_new_tokens``."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
-    decoder = _Decoder(model, pad_token_id_of(tokenizer), tokenizer.eos_token_id, max_new_tokens)
+    eos = set(eos_token_ids) if eos_token_ids else {tokenizer.eos_token_id} - {None}
+    decoder = _Decoder(model, pad_token_id_of(tokenizer), eos, max_new_tokens)
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:
         tokens = decoder.run(prompts, batch_size, bar)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -64,8 +67,8 @@ class _Decoder:
     """Greedy decoding of many prompts through at most ``batch_size`` slots; ``out[i]`` collects prompt i's
     tokens (EOS stripped when it ends the row)."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int, eos_id: int | None, max_new_tokens: int):
-        self.model, self.pad_id, self.eos_id, self.max_new = model, pad_id, eos_id, max_new_tokens
+    def __init__(self, model: torch.nn.Module, pad_id: int, eos_ids: set[int], max_new_tokens: int):
+        self.model, self.pad_id, self.eos_ids, self.max_new = model, pad_id, set(eos_ids), max_new_tokens
         self.device = model_device(model)
         self.keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
         self.cache_kwarg = cache_kwarg(model)
@@ -130,7 +133,7 @@ class _Decoder:
 
     # ------------------------------------------------------------------ batch bookkeeping
     def _done(self, tokens: list[int]) -> bool:
-        return len(tokens) >= self.max_new or (self.eos_id is not None and tokens[-1] == self.eos_id)
+        return len(tokens) >= self.max_new or tokens[-1] in self.eos_ids
 
     def _drop_finished(self, running: _Running | None, out, bar) -> _Running | None:
         if running is None:
@@ -140,7 +143,7 @@ class _Decoder:
             return running
         for j, row in enumerate(running.rows):
             if j not in keep:
-                _strip_eos(out[row], self.eos_id)
+                _strip_eos(out[row], self.eos_ids)
         bar.update(len(running.rows) - len(keep))
         if not keep:
             return None
@@ -189,16 +192,18 @@ class _Decoder:
             with edit_at_positions(self.model, last):
                 generated = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                                                 max_new_tokens=self.max_new, min_new_tokens=0, pad_token_id=self.pad_id,
-                                                eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None)
+                                                eos_token_id=sorted(self.eos_ids) or None, temperature=None, top_p=None, top_k=None)
             for row, i in enumerate(idx):
                 out[i] = generated[row, ids.shape[1]:].tolist()
-                _strip_eos(out[i], self.eos_id)
+                _strip_eos(out[i], self.eos_ids)
             bar.update(len(idx))
 
 
-def _strip_eos(tokens: list[int], eos_id: int | None) -> None:
-    if eos_id is not None and eos_id in tokens:
-        del tokens[tokens.index(eos_id):]
+def _strip_eos(tokens: list[int], eos_ids: set[int]) -> None:
+    """Cut at the first end-of-generation id."""
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    if end is not None:
+        del tokens[end:]
 
 
 def _plain_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -114,7 +114,7 @@ def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch
 
 @torch.no_grad()
 def answer_token_stats(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
-                       template: str = "plain", batch_size: int = 16, max_length: int = 512,
+                       template: str = "auto", batch_size: int = 16, max_length: int = 512,
                        desc: str | None = None) -> list[dict[str, np.ndarray]]:
     """Teacher-forced statistics of each row's answer tokens (EOS appended, last token dropped, see above),
     the edit at the last prompt token: per token ``correct`` (argmax == token), ``logprob``, ``mu``,

@@ -6,7 +6,6 @@ greedy generations go through another. The formulas themselves live in ``metrics
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -60,15 +59,12 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _generate(model: Any, tokenizer: Any, questions: list[dict], eos_ids: list[int], **kwargs: Any) -> list[str]:
-    """``generation.generate``, stopping at every id of ``eos_ids`` where it can take a set of them."""
-    if len(eos_ids) > 1 and "eos_token_ids" in inspect.signature(generate).parameters:
-        kwargs["eos_token_ids"] = eos_ids
-    return generate(model, tokenizer, questions, **kwargs)
+    """``generation.generate``, stopping at every id of ``eos_ids``."""
+    return generate(model, tokenizer, questions, eos_token_ids=eos_ids or None, **kwargs)
 
 
 def _generation_settings(eos_ids: list[int]) -> dict[str, Any]:
-    applied = len(eos_ids) <= 1 or "eos_token_ids" in inspect.signature(generate).parameters
-    return {"eos_token_ids": eos_ids, "eos_token_ids_applied": applied}
+    return {"eos_token_ids": eos_ids}
 
 
 def _memorisation(model: Any, tokenizer: Any, rows: list[dict], *, template: str, batch_size: int,
