@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="grun_demo", help="folder for report.json, report.md, report.png (default: ./grun_demo)")
     parser.add_argument("--data", default=None,
                         help="TOFU folder (e.g. ../shared/data/tofu) or 'locuslab/TOFU'; default: built-in fictitious authors")
-    parser.add_argument("--method", default="gd", choices=["gd", "npo", "idk"], help="unlearning loss (default gd)")
+    parser.add_argument("--method", default=None, choices=["gd", "npo", "idk"],
+                        help="unlearning loss (default gd; with --model: idk)")
     parser.add_argument("--cache", default=None,
                         help="folder caching the trained base and retain models (default: $GRUN_FAST_CACHE or ~/.cache/grun_fast)")
     parser.add_argument("--quick", action="store_true", help="a smaller run (CI smoke test)")
@@ -66,9 +67,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: tiny models gain nothing from more, and lose a lot on a busy machine)")
+    real = parser.add_argument_group("real pretrained model (--model)")
+    real.add_argument("--model", default=None,
+                      help="instead of the tiny models: make this pretrained chat model (e.g. smollm2) forget a topic it "
+                           "knows (the Harry Potter books), judged against its own answers before unlearning")
+    real.add_argument("--steps", type=int, default=None, help="with --model: optimiser steps (default 50; --quick 20)")
+    real.add_argument("--lr", type=float, default=None, help="with --model: learning rate (default 4e-3)")
+    real.add_argument("--layers", default=None,
+                      help="with --model: comma-separated decoder layers to edit (default 18,23,29)")
 
 
 def run(args: argparse.Namespace) -> int:
+    real_only = [f"--{name}" for name in ("steps", "lr", "layers") if getattr(args, name, None) is not None]
+    if getattr(args, "model", None) is not None:
+        return _run_real(args)
+    if real_only:
+        raise GRUNError(f"{', '.join(real_only)} only apply to the real-model demo (--model)")
+    args.method = args.method or "gd"
     plan = QUICK if args.quick else Plan()
     plan = Plan(**{**asdict(plan), "seed": args.seed})
     out = Path(args.out)
@@ -123,6 +138,27 @@ def run(args: argparse.Namespace) -> int:
         return 1 if args.check else 0
     _say("all demo thresholds met")
     return 0
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    from grun_fast.demo_real import REAL_QUICK, RealPlan, run_real
+
+    if args.data is not None:
+        raise GRUNError("--data and --model do not go together: the real-model demo brings its own questions")
+    plan = REAL_QUICK if args.quick else RealPlan()
+    changes: dict[str, Any] = {"seed": args.seed}
+    if args.method is not None:
+        changes["method"] = args.method
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    if args.layers is not None:
+        try:
+            changes["layers"] = tuple(int(x) for x in args.layers.split(","))
+        except ValueError:
+            raise GRUNError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    return run_real(args, RealPlan(**{**asdict(plan), **changes}))
 
 
 # ----------------------------------------------------------------------------------------------- data
