@@ -532,7 +532,11 @@ def test_eval_and_compare_commands_on_tofu(tmp_path, capsys):
     res = run["metrics"]
     assert set(res["splits"]) == {"forget01", "retain", "real_authors", "world_facts"}
     assert all(s["n"] == 4 for s in res["splits"].values())
-    assert 0 <= res["forget_quality"]["forget01"] <= 1 and res["model_utility"] is not None
+    retain_rows = json.loads((tmp_path / "retain_run" / "eval.json").read_text())["metrics"]["splits"]["forget01"]
+    want_quality = metrics.forget_quality([r["truth_ratio"] for r in res["splits"]["forget01"]["rows"]],
+                                          [r["truth_ratio"] for r in retain_rows["rows"]])
+    assert res["forget_quality"]["forget01"] == pytest.approx(want_quality, rel=1e-9)
+    assert res["model_utility"] == pytest.approx(metrics.model_utility(res["splits"]), rel=1e-9)
     assert set(res["splits"]["forget01"]["gate"]["default"]) == {"1"}
     assert run["baseline"]["splits"]["forget01"]["gate"] == {}
     summary = (tmp_path / "grun" / "summary.md").read_text()

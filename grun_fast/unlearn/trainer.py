@@ -580,6 +580,9 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     finally:
         if trainer is not None:
             trainer.remove_hooks()
+        for name in adapter_names(model):  # the last step's gates hold its autograd graph (memory; deepcopy)
+            for module in adapter_modules(model, name).values():
+                module.last_gate = None
         if checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             disable()
