@@ -47,6 +47,7 @@ class RealPlan:
     method: str = "idk"
     layers: tuple[int, ...] = (18, 23, 29)
     gate: str = "linear"
+    gate_threshold: float | None = 0.5
     steps: int = 50
     lr: float = 4e-3
     batch_size: int = 16
@@ -128,6 +129,13 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
 
     _say("[4/4] answers and gates with the adapter")
+    if plan.gate_threshold is not None:
+        t0 = time.perf_counter()
+        _split_back(rows, _generate(model, tokenizer, everything, plan), "after_soft")
+        times["answers_soft_gate"] = time.perf_counter() - t0
+        deploy_with_threshold(model, adapter_dir, result.adapter_name, plan.gate_threshold)
+        _say(f"      deployed with gate_threshold {plan.gate_threshold} (rows whose gate is below it are not "
+             f"edited at all); adapter rewritten to {adapter_dir}")
     t0 = time.perf_counter()
     after = _generate(model, tokenizer, everything, plan)
     _split_back(rows, after, "after")
@@ -158,6 +166,21 @@ def _generate(model, tokenizer, rows: list[dict], plan: RealPlan) -> list[str]:
 
     return generate(model, tokenizer, [{"question": r["question"]} for r in rows], template="auto",
                     batch_size=32, max_new_tokens=plan.max_new_tokens)
+
+
+def deploy_with_threshold(model, folder: Path, name: str, threshold: float) -> None:
+    """Re-patch adapter ``name`` (saved in ``folder``) with ``gate_threshold`` and save it so again: a row
+    whose gate stays below the threshold then runs the frozen model bit for bit."""
+    from grun_fast.adapters import read_adapter
+    from grun_fast.config import GRUNConfig
+    from grun_fast.patching import load_adapter_weights, patch, save_adapter, unpatch
+
+    meta, tensors = read_adapter(folder)
+    config = GRUNConfig.from_dict({**meta["config"].to_dict(), "gate_threshold": threshold})
+    unpatch(model, name)
+    patch(model, config, name)
+    load_adapter_weights(model, tensors, name)
+    save_adapter(model, folder, name, prompt_format=meta.get("prompt_format"))
 
 
 def _split_back(rows: dict[str, list[dict]], texts: list[str], field: str) -> None:
@@ -212,11 +235,15 @@ def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, pla
     for name, _ in SPLITS:
         for r in rows[name]:
             r["rouge_l"] = rouge_l_recall(r["after"], r["before"])
+            if "after_soft" in r:
+                r["rouge_l_soft"] = rouge_l_recall(r["after_soft"], r["before"])
         split = rows[name]
         keyed = [r for r in split if r.get("key") and _states(r["before"], r["key"])]
         table[name] = {
             "rows": len(split),
             "rouge_l": float(np.mean([r["rouge_l"] for r in split])),
+            "rouge_l_soft": (float(np.mean([r["rouge_l_soft"] for r in split])) if split and "rouge_l_soft" in split[0]
+                             else None),
             "gate": float(np.mean([r["gate"] for r in split])),
             "unchanged": sum(r["after"] == r["before"] for r in split),
             "refusals": sum(is_refusal(r["after"]) for r in split),
@@ -225,14 +252,16 @@ def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, pla
             else None,
         }
     t = THRESHOLDS
+    rouge = {name: table[name]["rouge_l"] for name in table}
+    gate = {name: table[name]["gate"] for name in table}
     checks = {
-        f"forget ROUGE-L <= {t['forget_rouge_max']}": table["forget"]["rouge_l"] <= t["forget_rouge_max"],
-        f"reworded topic ROUGE-L <= {t['reworded_rouge_max']}": table["reworded"]["rouge_l"] <= t["reworded_rouge_max"],
-        f"retain ROUGE-L >= {t['retain_rouge_min']}": table["retain"]["rouge_l"] >= t["retain_rouge_min"],
-        f"never-seen general ROUGE-L >= {t['general_rouge_min']}": table["general"]["rouge_l"] >= t["general_rouge_min"],
-        f"mean gate on forget >= {t['gate_forget_min']}": table["forget"]["gate"] >= t["gate_forget_min"],
-        f"mean gate on retain <= {t['gate_retain_max']}": table["retain"]["gate"] <= t["gate_retain_max"],
-        f"mean gate on never-seen general <= {t['gate_general_max']}": table["general"]["gate"] <= t["gate_general_max"],
+        f"forget ROUGE-L <= {t['forget_rouge_max']}": rouge["forget"] <= t["forget_rouge_max"],
+        f"reworded topic ROUGE-L <= {t['reworded_rouge_max']}": rouge["reworded"] <= t["reworded_rouge_max"],
+        f"retain ROUGE-L >= {t['retain_rouge_min']}": rouge["retain"] >= t["retain_rouge_min"],
+        f"never-seen general ROUGE-L >= {t['general_rouge_min']}": rouge["general"] >= t["general_rouge_min"],
+        f"mean gate on forget >= {t['gate_forget_min']}": gate["forget"] >= t["gate_forget_min"],
+        f"mean gate on retain <= {t['gate_retain_max']}": gate["retain"] <= t["gate_retain_max"],
+        f"mean gate on never-seen general <= {t['gate_general_max']}": gate["general"] <= t["gate_general_max"],
     }
     samples = {name: [{k: r[k] for k in ("question", "before", "after", "gate")} for r in rows[name][:3]]
                for name, _ in SPLITS}
@@ -247,13 +276,14 @@ def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, pla
 def render_real_table(report: dict[str, Any], markdown: bool = False) -> str:
     from grun_fast.demo import _fmt
 
-    header = ["questions", "n", "ROUGE-L vs before", "mean gate", "unchanged", "refusals", "fact stated (before -> after)"]
+    header = ["questions", "n", "ROUGE-L vs before", "(no threshold)", "mean gate", "unchanged", "refusals",
+              "fact stated (before -> after)"]
     body = []
     for name, label in SPLITS:
         s = report["table"][name]
         fact = "-" if s["fact_stated_before"] is None else f"{s['fact_stated_before']} -> {s['fact_stated_after']}"
-        body.append([label, str(s["rows"]), _fmt(s["rouge_l"]), _fmt(s["gate"]), str(s["unchanged"]),
-                     str(s["refusals"]), fact])
+        body.append([label, str(s["rows"]), _fmt(s["rouge_l"]), _fmt(s.get("rouge_l_soft")), _fmt(s["gate"]),
+                     str(s["unchanged"]), str(s["refusals"]), fact])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -282,8 +312,9 @@ def write_real_report(report: dict[str, Any], out: Path) -> list[Path]:
     times = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
     md = [f"# grun-fast demo: {report['model']} forgets {report['topic']}, gated {report['method'].upper()}", "",
           f"`{report['command']}` ({times})", "",
-          "ROUGE-L recall against the model's own greedy answers before unlearning; mean gate at the last "
-          f"prompt token over layers {report['layers']}.", "",
+          "ROUGE-L recall against the model's own greedy answers before unlearning, with the adapter deployed at "
+          f"gate_threshold {report['plan']['gate_threshold']} (and, in brackets, without a threshold); mean soft gate "
+          f"at the last prompt token over layers {report['layers']}.", "",
           render_real_table(report, markdown=True), "", "```", render_real_samples(report), "```", ""]
     return [write_json(report, out / "report.json"), write_text("\n".join(md), out / "report.md"),
             plot_real_report(report, out / "report.png")]

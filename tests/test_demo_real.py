@@ -84,7 +84,7 @@ def test_report_passes_and_fails_where_it_should(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["checks"] == good["checks"] and data["rows"]["forget"][0]["after"] == "I don't know."
     md = (tmp_path / "report.md").read_text()
-    assert "PASS  forget ROUGE-L <= 0.3" in md and "| forget (topic) | 10 | 0.000 |" in md
+    assert "PASS  forget ROUGE-L <= 0.3" in md and "| forget (topic) | 10 | 0.000 | - |" in md
     assert (tmp_path / "report.png").stat().st_size > 1000
     text = demo_real.render_real_table(good)
     assert "never-seen general" in text and "MISS" not in text
