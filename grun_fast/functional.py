@@ -63,10 +63,7 @@ def check_inputs(h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, 
                  gate_logit: torch.Tensor | None = None, rows: torch.Tensor | None = None,
                  gate_threshold: float | None = None) -> tuple[torch.Tensor | None, float | None]:
     """The op's one validation; returns (rows as bool or None, threshold as float or None)."""
-    if h.dim() < 1 or h.shape[-1] == 0:
-        raise GRUNError(f"h must be [..., d] with d > 0, got shape {tuple(h.shape)}")
-    if not h.is_floating_point():
-        raise GRUNError(f"h must be a floating tensor, got {h.dtype}")
+    _check_hidden(h)
     d = h.shape[-1]
     if rotation.dim() != 2 or rotation.shape[1] != d or rotation.shape[0] < 1:
         raise GRUNError(f"rotation must be [r, {d}] with r >= 1, got {tuple(rotation.shape)}")
@@ -82,22 +79,53 @@ def check_inputs(h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, 
         if gate_bias is None or gate_bias.numel() != 1:
             raise GRUNError(f"gate_bias must be a scalar ([] or [1]), got "
                             f"{None if gate_bias is None else tuple(gate_bias.shape)}")
-    elif tuple(gate_logit.shape) != tuple(h.shape[:-1]):
-        raise GRUNError(f"gate_logit must have shape {tuple(h.shape[:-1])}, got {tuple(gate_logit.shape)}")
-    if rows is not None:
-        if tuple(rows.shape) != tuple(h.shape[:-1]):
-            raise GRUNError(f"rows must have shape {tuple(h.shape[:-1])} (h without its last dim), got "
-                            f"{tuple(rows.shape)}")
-        if rows.is_floating_point() or rows.is_complex():
-            raise GRUNError(f"rows must be a bool (or integer) mask, got {rows.dtype}")
-        rows = rows.to(torch.bool)
-    threshold = None if gate_threshold is None else check_threshold(gate_threshold)
-    tensors = {"rotation": rotation, "weight": weight, "bias": bias, "gate_weight": gate_weight,
-               "gate_bias": gate_bias, "gate_logit": gate_logit, "rows": rows}
-    for name, t in tensors.items():
+    for name, t in (("rotation", rotation), ("weight", weight), ("bias", bias), ("gate_weight", gate_weight),
+                    ("gate_bias", gate_bias)):
         if t is not None and t.device != h.device:
             raise GRUNError(f"{name} is on {t.device} but h is on {h.device}")
-    return rows, threshold
+    return _check_per_row(h, gate_logit, rows, gate_threshold)
+
+
+def check_folded(h: torch.Tensor, folded: Folded, gate_logit: torch.Tensor | None, rows: torch.Tensor | None,
+                 gate_threshold: float | None) -> tuple[torch.Tensor | None, float | None]:
+    """`check_inputs` for parameters that `fold` built (their shapes agree by construction): h against them,
+    and the per-row inputs. Cheap, since it runs on every inference call."""
+    _check_hidden(h)
+    if folded.matrix.shape[1] != h.shape[-1]:
+        raise GRUNError(f"h has hidden size {h.shape[-1]}, the folded parameters {folded.matrix.shape[1]}")
+    if folded.matrix.device != h.device:
+        raise GRUNError(f"the folded parameters are on {folded.matrix.device} but h is on {h.device}")
+    linear = folded.matrix.shape[0] == folded.rotation.shape[0] + 1
+    if linear == (gate_logit is not None):
+        raise GRUNError("these folded parameters carry a linear gate; do not pass gate_logit" if linear
+                        else "these folded parameters have no gate: pass gate_logit")
+    return _check_per_row(h, gate_logit, rows, gate_threshold)
+
+
+def _check_hidden(h: torch.Tensor) -> None:
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise GRUNError(f"h must be [..., d] with d > 0, got shape {tuple(h.shape)}")
+    if not h.is_floating_point():
+        raise GRUNError(f"h must be a floating tensor, got {h.dtype}")
+
+
+def _check_per_row(h, gate_logit, rows, gate_threshold) -> tuple[torch.Tensor | None, float | None]:
+    lead = h.shape[:-1]
+    if gate_logit is not None:
+        if gate_logit.shape != lead:
+            raise GRUNError(f"gate_logit must have shape {tuple(lead)}, got {tuple(gate_logit.shape)}")
+        if gate_logit.device != h.device:
+            raise GRUNError(f"gate_logit is on {gate_logit.device} but h is on {h.device}")
+    if rows is not None:
+        if rows.shape != lead:
+            raise GRUNError(f"rows must have shape {tuple(lead)} (h without its last dim), got {tuple(rows.shape)}")
+        if rows.is_floating_point() or rows.is_complex():
+            raise GRUNError(f"rows must be a bool (or integer) mask, got {rows.dtype}")
+        if rows.device != h.device:
+            raise GRUNError(f"rows is on {rows.device} but h is on {h.device}")
+        if rows.dtype != torch.bool:
+            rows = rows.to(torch.bool)
+    return rows, None if gate_threshold is None else check_threshold(gate_threshold)
 
 
 def check_threshold(value: object) -> float:
@@ -182,13 +210,7 @@ def forward_folded(
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference on parameters folded by `fold` for `h.dtype` (no autograd through the parameters)."""
-    linear = folded.matrix.shape[0] == folded.rotation.shape[0] + 1
-    rows, threshold = check_inputs(
-        h, folded.rotation, folded.matrix[: folded.rotation.shape[0]], folded.bias[: folded.rotation.shape[0]],
-        gate_weight=folded.matrix[-1] if linear else None, gate_bias=folded.bias[-1:] if linear else None,
-        gate_logit=None if linear else gate_logit, rows=rows, gate_threshold=gate_threshold)
-    if linear and gate_logit is not None:
-        raise GRUNError("these folded parameters carry a linear gate; do not pass gate_logit")
+    rows, threshold = check_folded(h, folded, gate_logit, rows, gate_threshold)
     return _forward_folded(h, folded, gate_logit, rows, threshold, resolve_impl(impl, h, folded.rotation.shape[0]))
 
 
