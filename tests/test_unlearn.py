@@ -1,4 +1,5 @@
 """The GRUN trainer on a random tiny Llama: what trains, what stays frozen, checkpoints, resume, bad input."""
+import copy
 import json
 import os
 
@@ -45,7 +46,7 @@ def test_default_layers_follow_reference_depths():
 
 
 def test_config_validation():
-    assert UnlearnConfig(method="gd").lambda_r == 2.0 and UnlearnConfig(method="npo").forget_scale == 100.0
+    assert UnlearnConfig(method="gd").lambda_r == 2.0 and UnlearnConfig(method="npo").forget_scale == 10.0
     for bad in (dict(method="sgd"), dict(lr=0), dict(batch_size=0), dict(epochs=1.5), dict(template="x"),
                 dict(gate="conv"), dict(adapter_name=""), dict(layers=["a"]), dict(max_steps=0)):
         with pytest.raises(GRUNError):
@@ -101,7 +102,7 @@ def test_optimizer_never_decays_rotation(tiny, data):
         return opt
     trainer_module.GRUNTrainer.create_optimizer = spy
     try:
-        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, weight_decay=0.1, **FAST)
+        unlearn(model, tok, forget, retain, layers=[2], max_steps=1, weight_decay=0.1, gate="linear", **FAST)
     finally:
         trainer_module.GRUNTrainer.create_optimizer = original
     assert seen["groups"] == [(1, 0.0), (4, 0.1)] and seen["first"] == seen["rotation"]
@@ -342,9 +343,24 @@ def test_other_edit_modes_train(tiny, data, positions):
     model, tok = tiny
     forget, retain = data
     result = unlearn(model, tok, forget, retain, layers=[2], positions=positions, max_steps=2, **FAST)
-    log = [h for h in result.log_history if "gate_forget" in h]
-    assert log and 0 < log[-1]["gate_forget"] < 1
-    assert grun_fast.adapter_config(model).positions == positions
+    assert [h for h in result.log_history if "gate_forget" in h]
+    config = grun_fast.adapter_config(model)
+    assert config.positions == positions
+    fresh = copy.deepcopy(model)  # the adapter as initialised: the trainer seeds right before patching
+    grun_fast.unpatch(fresh)
+    torch.manual_seed(result.config.seed)
+    grun_fast.patch(fresh, config)
+    trained, initial = grun_fast.adapter_modules(model)[2], grun_fast.adapter_modules(fresh)[2]
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(trained.parameters(), initial.parameters()))
+    assert 0 < moved <= 3 * result.config.lr * result.global_step  # Adam steps of about lr from the init
+    ids = torch.tensor([tok("Question: who?")["input_ids"]])
+    with torch.no_grad():
+        if positions == "all":  # every token edited, decode steps included: one gate per token
+            model(ids)
+            assert trained.last_gate.shape == ids.shape
+        else:  # nothing says where to edit: an error, not a silent no-op
+            with pytest.raises(GRUNError, match="positions='mask'"):
+                model(ids)
 
 
 def test_bfloat16_model_and_document_rows(data):

@@ -67,7 +67,10 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
             (folder / name).write_text("x")
         if state is not None:
             (folder / "trainer_state.json").write_text(state)
-    with pytest.warns(UserWarning, match="checkpoint-15: its trainer_state.json is cut short"):
+    with pytest.warns(UserWarning) as caught:
         assert _resolve_resume(True, ckpt) == str(ckpt / "checkpoint-5")
+    assert [str(w.message).split("/")[-1] for w in caught] == [
+        "checkpoint-15: its trainer_state.json is cut short (the run stopped while writing it)",
+        "checkpoint-10: it has no trainer_state.json (the run stopped while writing it)"]
     with pytest.raises(GRUNError, match="checkpoint-10: it has no trainer_state.json"):
         _resolve_resume(ckpt / "checkpoint-10", ckpt)

@@ -191,8 +191,8 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
     assert len(pairs) == 3
     for got, want in pairs:
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
-    # the defaults that enter the sum (gd: forget x1, retain x2; npo: forget x100)
-    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (100.0, 1.0)}[method]
+    # the defaults that enter the sum (gd: forget x1, retain x2; npo: forget x10)
+    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 1.0)}[method]
     cfg = grun_fast.unlearn.UnlearnConfig(method=method)
     assert (cfg.forget_scale, cfg.lambda_r, cfg.lambda_g) == (*scale, 10.0)
     assert not math.isnan(pairs[-1][0])

@@ -35,7 +35,7 @@ class UnlearnConfig:
     layers: decoder layers to edit (None: ~62 %, 78 % and 100 % of depth, as in the reference code).
     batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
     epochs: passes over the forget set (max_steps, when set, wins).
-    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 100; idk, rmu: 1, 1).
+    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 10; idk, rmu: 1, 1).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
     template: prompt format: "auto" (the tokenizer's chat template when it has one, else "plain"), "plain",
@@ -54,7 +54,10 @@ class UnlearnConfig:
     method: str = "gd"
     layers: list[int] | None = None
     rank: int = 4
-    gate: str = "linear"
+    # MLP gate by default: with prompt-format augmentation (on by default) a linear gate cannot tell forget from
+    # retain rows across formats. Tiny TOFU (20 forget01 + 80 retain rows, NPO x10, 120 steps, seeds 0-2,
+    # medians): linear retain ROUGE-L 0.997 -> 0.886, gates 0.946 / 0.179; mlp 0.997 -> 0.997, 0.9996 / 0.004.
+    gate: str = "mlp"
     positions: str = "last_prompt"
     adapter_name: str = "default"
     epochs: int = 40
