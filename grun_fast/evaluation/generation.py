@@ -26,6 +26,7 @@ from grun_fast.architectures import cache_kwarg, output_cache
 from grun_fast.data.encoding import pad_examples, pad_token_id_of
 from grun_fast.data.prompts import prompt_ids_batch
 from grun_fast.evaluation.scoring import batches, edit_at_positions, keeps_logits, model_device
+from grun_fast.errors import GRUNError
 
 
 @torch.no_grad()
@@ -36,9 +37,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str,
     """Greedy continuations of each row's prompt, up to the first of ``eos_token_ids`` (default: the
     tokenizer's EOS; not returned) or ``max_new_tokens``."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise GRUNError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise GRUNError(f"batch_size must be >= 1, got {batch_size}")
     prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
     eos = set(eos_token_ids) if eos_token_ids else {tokenizer.eos_token_id} - {None}
     decoder = _Decoder(model, pad_token_id_of(tokenizer), eos, max_new_tokens)

@@ -10,15 +10,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from grun_fast.errors import GRUNError
+
 _ROUGE_SCORER = None
 
 
 def _as_array(values: Sequence[float], name: str) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D sequence of numbers, got shape {arr.shape}")
+        raise GRUNError(f"{name}: expected a non-empty 1-D sequence of numbers, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: contains NaN or infinite values")
+        raise GRUNError(f"{name}: contains NaN or infinite values")
     return arr
 
 
@@ -58,7 +60,7 @@ def truth_ratio_score(ratios: Sequence[float], forget: bool) -> float:
     """Split summary of the truth ratios: forget ``mean min(t, 1/t)``, others ``mean max(0, 1 - 1/t)``."""
     t = _as_array(ratios, "truth ratios")
     if np.any(t <= 0):
-        raise ValueError("truth ratios must be positive")
+        raise GRUNError("truth ratios must be positive")
     if forget:
         return float(np.mean(np.minimum(t, 1.0 / t)))
     return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / t)))
@@ -72,7 +74,7 @@ def truth_ratio_prob_mean(ratios: Sequence[float]) -> float:
     they write the ratio as ``1/t``; their 1e-10 guards are left out.)"""
     t = _as_array(ratios, "truth ratios")
     if np.any(t <= 0):
-        raise ValueError("truth ratios must be positive")
+        raise GRUNError("truth ratios must be positive")
     return float(np.mean(t / (1.0 + t)))
 
 
@@ -90,7 +92,7 @@ def harmonic_mean(values: Sequence[float]) -> float:
     """Harmonic mean of non-negative numbers; any zero makes it 0 (as TOFU's model utility does)."""
     arr = _as_array(values, "values")
     if np.any(arr < 0):
-        raise ValueError(f"harmonic mean needs non-negative numbers, got {arr.tolist()}")
+        raise GRUNError(f"harmonic mean needs non-negative numbers, got {arr.tolist()}")
     if np.any(arr == 0):
         return 0.0
     return float(arr.size / np.sum(1.0 / arr))
@@ -105,12 +107,12 @@ def model_utility(split_metrics: dict[str, dict[str, float]]) -> float:
     truth ratio}. ``split_metrics`` maps split name to its summary numbers."""
     missing = [s for s in UTILITY_SPLITS if s not in split_metrics]
     if missing:
-        raise ValueError(f"model utility needs the splits {list(UTILITY_SPLITS)}; missing {missing}")
+        raise GRUNError(f"model utility needs the splits {list(UTILITY_SPLITS)}; missing {missing}")
     values = []
     for split in UTILITY_SPLITS:
         for metric in UTILITY_METRICS:
             if metric not in split_metrics[split]:
-                raise ValueError(f"model utility: split {split!r} has no {metric!r}")
+                raise GRUNError(f"model utility: split {split!r} has no {metric!r}")
             values.append(split_metrics[split][metric])
     return harmonic_mean(values)
 
@@ -134,7 +136,7 @@ def leak_summary(recalls: Sequence[float], threshold: float = LEAK_THRESHOLD) ->
     Returns ``{"count", "n", "rate", "threshold"}``."""
     r = _as_array(recalls, "ROUGE-L recalls")
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"leak threshold must be in (0, 1], got {threshold}")
+        raise GRUNError(f"leak threshold must be in (0, 1], got {threshold}")
     count = int(np.sum(r >= threshold))
     return {"count": count, "n": int(r.size), "rate": count / r.size, "threshold": float(threshold)}
 
@@ -144,7 +146,7 @@ def exact_memorization(correct: Sequence[bool]) -> float:
     ``exact_memorization``, one answer). ``correct[i]``: argmax at answer token i equals the true token."""
     c = np.asarray(correct, dtype=bool)
     if c.ndim != 1 or c.size == 0:
-        raise ValueError("exact memorization needs at least one answer token")
+        raise GRUNError("exact memorization needs at least one answer token")
     return float(c.mean())
 
 
@@ -155,7 +157,7 @@ def extraction_strength(correct: Sequence[bool]) -> float:
     1: the whole answer comes back from its first token; near 0: only its end. An empty answer scores 0."""
     c = np.asarray(correct, dtype=bool)
     if c.ndim != 1:
-        raise ValueError("extraction strength takes one answer's per-token flags")
+        raise GRUNError("extraction strength takes one answer's per-token flags")
     n = c.size
     if n == 0:
         return 0.0
@@ -167,13 +169,13 @@ def extraction_strength(correct: Sequence[bool]) -> float:
 def multiple_choice_accuracy(option_logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
     """Share of questions whose highest-scoring option is the correct one (ties go to the first)."""
     if len(option_logprobs) != len(answers) or not answers:
-        raise ValueError("need one answer index per question and at least one question")
+        raise GRUNError("need one answer index per question and at least one question")
     hits = [int(int(np.argmax(row)) == int(ans)) for row, ans in zip(option_logprobs, answers)]
     return float(np.mean(hits))
 
 
 def _check_rows(first: np.ndarray, rows: Sequence[Sequence[float]], name: str) -> None:
     if len(rows) != first.size:
-        raise ValueError(f"{name}: {len(rows)} rows for {first.size} questions")
+        raise GRUNError(f"{name}: {len(rows)} rows for {first.size} questions")
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from grun_fast.data.encoding import encode_rows, pad_examples, pad_token_id_of
 from grun_fast.evaluation.scoring import batches, edit_at_positions, keeps_logits, model_device
+from grun_fast.errors import GRUNError
 
 MIA_K = 0.4          # open-unlearning's TOFU setting for both Min-K attacks
 DEFAULT_REFERENCE_AUC = 0.5
@@ -37,7 +38,7 @@ TOKEN_CHUNK = 512    # scored tokens lifted to fp32 [chunk, vocab] at a time
 
 def _lowest_share(values: np.ndarray, k: float) -> float:
     if not 0.0 < k <= 1.0:
-        raise ValueError(f"k must be in (0, 1], got {k}")
+        raise GRUNError(f"k must be in (0, 1], got {k}")
     if values.size == 0:
         return 0.0                                  # as open-unlearning: an empty answer scores 0
     count = max(1, int(values.size * k))
@@ -55,7 +56,7 @@ def min_k_plus_plus_score(token_logprobs: Sequence[float], mu: Sequence[float], 
     ``sigma2`` of log p under the model's next-token distribution at that position."""
     lp, m, s2 = (np.asarray(x, dtype=np.float64) for x in (token_logprobs, mu, sigma2))
     if not lp.shape == m.shape == s2.shape:
-        raise ValueError(f"token_logprobs, mu and sigma2 differ in shape: {lp.shape}, {m.shape}, {s2.shape}")
+        raise GRUNError(f"token_logprobs, mu and sigma2 differ in shape: {lp.shape}, {m.shape}, {s2.shape}")
     return _lowest_share((lp - m) / np.sqrt(np.maximum(s2, 1e-6)), k)
 
 
@@ -65,9 +66,9 @@ def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> 
     f = np.asarray(forget_scores, dtype=np.float64)
     h = np.asarray(holdout_scores, dtype=np.float64)
     if f.ndim != 1 or h.ndim != 1 or f.size == 0 or h.size == 0:
-        raise ValueError("the attack AUC needs at least one forget and one holdout score")
+        raise GRUNError("the attack AUC needs at least one forget and one holdout score")
     if not (np.all(np.isfinite(f)) and np.all(np.isfinite(h))):
-        raise ValueError("attack scores contain NaN or infinite values")
+        raise GRUNError("attack scores contain NaN or infinite values")
     greater = (h[:, None] > f[None, :]).sum()
     ties = (h[:, None] == f[None, :]).sum()
     return float((greater + 0.5 * ties) / (f.size * h.size))
@@ -78,7 +79,7 @@ def privleak(auc: float, reference_auc: float = DEFAULT_REFERENCE_AUC) -> float:
     with its 1e-10 guard in the denominator)."""
     for name, v in (("auc", auc), ("reference_auc", reference_auc)):
         if not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0):
-            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+            raise GRUNError(f"{name} must be a number in [0, 1], got {v!r}")
     score, ref = 1.0 - float(auc), 1.0 - float(reference_auc)
     return (score - ref) / (ref + 1e-10) * 100.0
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from grun_fast.answer_head import head_nll, logits_nll, supports_answer_head
 from grun_fast.architectures import locate
 from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad_token_id_of
+from grun_fast.errors import GRUNError
 from grun_fast.patching import adapter_modules, adapter_names, edit_at
 
 GateModules = Mapping[str, Mapping[int, torch.nn.Module]]
@@ -51,7 +52,7 @@ def edit_at_positions(model: torch.nn.Module, positions: torch.Tensor):
 
 def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise GRUNError(f"batch_size must be >= 1, got {batch_size}")
     return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
