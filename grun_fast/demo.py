@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--model", default=None,
                       help="instead of the tiny models: make this pretrained chat model (e.g. smollm2) forget a topic it "
                            "knows (the Harry Potter books), judged against its own answers before unlearning")
-    real.add_argument("--steps", type=int, default=None, help="with --model: optimiser steps (default 50; --quick 20)")
+    real.add_argument("--steps", type=int, default=None, help="with --model: optimiser steps (default 100; --quick 20)")
     real.add_argument("--lr", type=float, default=None, help="with --model: learning rate (default 4e-3)")
     real.add_argument("--layers", default=None,
                       help="with --model: comma-separated decoder layers to edit (default 18,23,29)")

@@ -48,7 +48,7 @@ class RealPlan:
     layers: tuple[int, ...] = (18, 23, 29)
     gate: str = "linear"
     gate_threshold: float | None = 0.5
-    steps: int = 50
+    steps: int = 100
     lr: float = 4e-3
     batch_size: int = 16
     max_new_tokens: int = 32
