@@ -17,7 +17,7 @@ from grun_fast.data import load_tofu, make_benchmark, tokenize_rows
 from grun_fast.evaluation.metrics import rouge_l_recall
 from grun_fast.evaluation.generation import generate
 from grun_fast.testing import train_tiny_base, untrained_tiny
-from grun_fast.unlearn import unlearn
+from grun_fast.unlearn import UnlearnConfig, unlearn
 from tests.test_unlearn_command import write_cli_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_two_cpu_processes_give_the_one_process_adapter(tmp_path):
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     start = {}
     torch.manual_seed(0)
-    init = grun_fast.patch(untrained_tiny(rows, 32, 4)[0], grun_fast.GRUNConfig(layers=[1, 3]))
+    init = grun_fast.patch(untrained_tiny(rows, 32, 4)[0], grun_fast.GRUNConfig(layers=[1, 3], gate=UnlearnConfig().gate))
     for i, m in grun_fast.adapter_modules(init).items():
         start.update({f"layers.{i}.{k}": v for k, v in m.state_dict().items()})
     assert a.keys() == b.keys() == start.keys()
