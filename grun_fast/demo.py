@@ -127,15 +127,22 @@ def run(args: argparse.Namespace) -> int:
 
     report = build_report(evals, data, args, plan, time.perf_counter() - started)
     paths = write_report(report, evals, out)
+    return show_and_check(render_table(report), render_samples(report),
+                          f"wrote {', '.join(str(p) for p in paths)} in {report['seconds']:.0f} s",
+                          report["checks"], args.check)
+
+
+def show_and_check(table: str, samples: str, wrote: str, checks: dict[str, bool], check: bool) -> int:
+    """Print a demo's table, samples and outcome; the exit status (1 for a missed threshold under --check)."""
     print()
-    print(render_table(report))
+    print(table)
     print()
-    print(render_samples(report))
-    _say(f"\nwrote {', '.join(str(p) for p in paths)} in {report['seconds']:.0f} s")
-    failed = [name for name, ok in report["checks"].items() if not ok]
+    print(samples)
+    _say("\n" + wrote)
+    failed = [name for name, ok in checks.items() if not ok]
     if failed:
         _say(f"thresholds missed: {', '.join(failed)}")
-        return 1 if args.check else 0
+        return 1 if check else 0
     _say("all demo thresholds met")
     return 0
 

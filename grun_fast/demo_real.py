@@ -81,7 +81,7 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     """``grun-fast demo --model M``: the whole story; returns the exit status."""
     from grun_fast import models
     from grun_fast.data.real_topics import TOPIC_LABEL
-    from grun_fast.demo import _check_writable, _say
+    from grun_fast.demo import _check_writable, _say, show_and_check
 
     out = Path(args.out)
     _check_writable(out)
@@ -147,17 +147,9 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
 
     report = build_real_report(rows, args, plan, layers, times)
     paths = write_real_report(report, out)
-    print()
-    print(render_real_table(report))
-    print()
-    print(render_real_samples(report))
-    _say(f"\nwrote {', '.join(str(p) for p in paths)}; total {times['total']:.0f} s")
-    failed = [name for name, ok in report["checks"].items() if not ok]
-    if failed:
-        _say(f"thresholds missed: {', '.join(failed)}")
-        return 1 if args.check else 0
-    _say("all demo thresholds met")
-    return 0
+    return show_and_check(render_real_table(report), render_real_samples(report),
+                          f"wrote {', '.join(str(p) for p in paths)}; total {times['total']:.0f} s",
+                          report["checks"], args.check)
 
 
 # ----------------------------------------------------------------------------------------------- steps
