@@ -309,6 +309,11 @@ def _fmt(value: Any) -> str:
 def render_table(report: dict[str, Any], markdown: bool = False) -> str:
     header = ["metric"] + [label for _, label in COLUMNS]
     rows = [[name] + [_fmt(report["table"][key][field]) for key, _ in COLUMNS] for name, field in _ROWS]
+    return table_with_checks(header, rows, report["checks"], markdown)
+
+
+def table_with_checks(header: list[str], rows: list[list[str]], checks: dict[str, bool], markdown: bool) -> str:
+    """A demo's table (aligned text or markdown) followed by one PASS/MISS line per threshold."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -317,7 +322,7 @@ def render_table(report: dict[str, Any], markdown: bool = False) -> str:
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in report["checks"].items()]
+    lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in checks.items()]
     return "\n".join(lines)
 
 

@@ -266,7 +266,7 @@ def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, pla
 
 
 def render_real_table(report: dict[str, Any], markdown: bool = False) -> str:
-    from grun_fast.demo import _fmt
+    from grun_fast.demo import _fmt, table_with_checks
 
     header = ["questions", "n", "ROUGE-L vs before", "(no threshold)", "mean gate", "unchanged", "refusals",
               "fact stated (before -> after)"]
@@ -276,16 +276,7 @@ def render_real_table(report: dict[str, Any], markdown: bool = False) -> str:
         fact = "-" if s["fact_stated_before"] is None else f"{s['fact_stated_before']} -> {s['fact_stated_after']}"
         body.append([label, str(s["rows"]), _fmt(s["rouge_l"]), _fmt(s.get("rouge_l_soft")), _fmt(s["gate"]),
                      str(s["unchanged"]), str(s["refusals"]), fact])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-    else:
-        widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + body]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines += [f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in report["checks"].items()]
-    return "\n".join(lines)
+    return table_with_checks(header, body, report["checks"], markdown)
 
 
 def render_real_samples(report: dict[str, Any]) -> str:
