@@ -42,6 +42,17 @@ class _State:
     disabled: frozenset = frozenset()     # adapter names switched off by disable_adapters
     own_methods: dict = field(default_factory=dict)  # instance attributes the wrapped methods had before, if any
 
+    @property
+    def spec(self) -> EditSpec | None:
+        """The explicit edit positions in force: edit_at's, else the running generate call's."""
+        return self.override if self.override is not None else self.generation
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """GRUNError naming the first of `names` that is not patched."""
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise GRUNError(f"no adapter named {unknown[0]!r} on this model; patched: {', '.join(self.configs)}")
+
 
 def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str = DEFAULT_NAME) -> nn.Module:
     """Install a GRUN adapter on `model` in place and return it.
@@ -100,9 +111,7 @@ def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove the adapter `name` (all adapters when None); the model is then exactly as before patching."""
     state = _state(model)
     names = list(state.configs) if name is None else [name]
-    for item in names:
-        if item not in state.configs:
-            raise GRUNError(f"no adapter named {item!r} on this model; patched: {', '.join(state.configs)}")
+    state.check_names(names)
     container = getattr(model, _MODULES_ATTR)
     for item in names:
         del state.configs[item]
@@ -150,8 +159,7 @@ def adapter_names(model: nn.Module, enabled_only: bool = False) -> list[str]:
 def adapter_config(model: nn.Module, name: str = DEFAULT_NAME) -> GRUNConfig:
     """The config of adapter `name`, with layer indices made non-negative."""
     state = _state(model)
-    if name not in state.configs:
-        raise GRUNError(f"no adapter named {name!r} on this model; patched: {', '.join(state.configs)}")
+    state.check_names([name])
     return state.configs[name]
 
 
@@ -173,10 +181,8 @@ def disable_adapters(model: nn.Module, names: str | Iterable[str] | None = None)
     """Run the block with adapters `names` (all when None) switched off: the model computes exactly what it
     would without them (the base model, or the other adapters only). Nothing is unpatched or copied."""
     state = _state(model)
-    chosen = set(state.configs) if names is None else {names} if isinstance(names, str) else set(names)
-    unknown = sorted(chosen - set(state.configs))
-    if unknown:
-        raise GRUNError(f"no adapter named {unknown[0]!r} on this model; patched: {', '.join(state.configs)}")
+    chosen = list(state.configs) if names is None else [names] if isinstance(names, str) else list(names)
+    state.check_names(chosen)
     previous = state.disabled
     state.disabled = previous | frozenset(chosen)
     try:
@@ -222,7 +228,7 @@ def _backbone_pre_hook(state: _State):
         state.forward = forward = forward_record(kwargs)
         shape = input_shape(args, kwargs)
         if shape is not None:  # work out (and check) every adapter's tokens before any layer runs
-            spec = state.override if state.override is not None else state.generation
+            spec = state.spec
             for name, config in state.configs.items():
                 if name not in state.disabled:
                     select(forward, spec, config.positions, name, *shape, state.generation is not None)
@@ -301,7 +307,7 @@ def _layer_hook(state: _State, container: nn.ModuleDict, index: int):
         forward = state.forward
         if forward is None:
             raise GRUNError("a patched decoder layer ran outside its model's forward; call the model, not the layer")
-        spec = state.override if state.override is not None else state.generation
+        spec = state.spec
         generating = state.generation is not None
         edited = hidden
         for name, config in state.configs.items():
