@@ -10,6 +10,7 @@ import grun_fast
 from grun_fast import GRUNError
 from grun_fast.data import format_variants, make_authors, split_by_author, tokenize_rows
 from grun_fast.testing import untrained_tiny
+from tests.test_unlearn_runtime import keep_trainers
 from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
 from grun_fast.unlearn import trainer as trainer_module
 
@@ -187,13 +188,7 @@ def test_lower_layer_cache_gives_the_same_adapter_and_is_reused(data, monkeypatc
 @pytest.mark.parametrize("method", ["gd", "npo", "idk"])
 def test_prefix_cache_gives_the_same_adapter_and_is_reused(data, monkeypatch, method):
     forget, retain = data
-    trainers = []
-    real_init = trainer_module.GRUNTrainer.__init__
-
-    def keep(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        trainers.append(self)
-    monkeypatch.setattr(trainer_module.GRUNTrainer, "__init__", keep)
+    trainers = keep_trainers(monkeypatch)
     states, logs = [], []
     for prefix in (False, True):
         model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
