@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(module.run(args) or 0)
+    from grun_fast.errors import GRUNError
+
+    try:
+        return int(module.run(args) or 0)
+    except GRUNError as error:  # bad input: one line naming it, exit 2, for every command
+        print(f"grun-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,3 +28,11 @@ def test_console_script_runs():
 def test_unknown_argument_is_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--no-such-flag"])
+
+
+def test_bad_demo_input_is_one_error_line_and_exit_2(capsys):
+    from grun_fast.cli import main
+
+    assert main(["demo", "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "grun-fast demo: error: --steps only apply to the real-model demo (--model)"
