@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from grun_fast.errors import GRUNError
+from grun_fast.evaluation.formats import format_gates, format_gates_markdown
 from grun_fast.version import __version__
 
 # What the real-model demo promises (at its defaults, on SmolLM2-135M-Instruct).
@@ -31,6 +32,8 @@ THRESHOLDS = {
     "gate_forget_min": 0.9,
     "gate_retain_max": 0.1,
     "gate_general_max": 0.1,
+    "variant_gate_forget_min": 0.8,   # under every prompt-format variant (grun_fast.evaluation.formats)
+    "variant_gate_retain_max": 0.1,   # retain and never-seen questions, every variant
 }
 
 SPLITS = (("forget", "forget (topic)"), ("reworded", "reworded topic q."), ("retain", "retain (general)"),
@@ -142,12 +145,15 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     times["answers_after"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _gates(model, tokenizer, rows, result.adapter_name)
+    variants = format_gates(model, tokenizer, {name: rows[name] for name, _ in SPLITS}, "auto",
+                            result.adapter_name)
     times["gates"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - started
 
-    report = build_real_report(rows, args, plan, layers, times)
+    report = build_real_report(rows, args, plan, layers, times, variants)
     paths = write_real_report(report, out)
-    return show_and_check(render_real_table(report), render_real_samples(report),
+    return show_and_check(render_real_table(report) + "\n\n" + format_gates_markdown(report["format_gates"]),
+                          render_real_samples(report),
                           f"wrote {', '.join(str(p) for p in paths)}; total {times['total']:.0f} s",
                           report["checks"], args.check)
 
@@ -219,7 +225,8 @@ def is_refusal(text: str) -> bool:
 
 
 def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, plan: RealPlan, layers: list[int],
-                      times: dict[str, float]) -> dict[str, Any]:
+                      times: dict[str, float], variants: dict[str, Any]) -> dict[str, Any]:
+    """The demo's numbers and checks; ``variants`` is ``format_gates`` over the four question sets."""
     from grun_fast.data.real_topics import TOPIC_LABEL
     from grun_fast.evaluation.metrics import rouge_l_recall
 
@@ -254,13 +261,19 @@ def build_real_report(rows: dict[str, list[dict]], args: argparse.Namespace, pla
         f"mean gate on forget >= {t['gate_forget_min']}": gate["forget"] >= t["gate_forget_min"],
         f"mean gate on retain <= {t['gate_retain_max']}": gate["retain"] <= t["gate_retain_max"],
         f"mean gate on never-seen general <= {t['gate_general_max']}": gate["general"] <= t["gate_general_max"],
+        f"forget gate >= {t['variant_gate_forget_min']} under every prompt format":
+            min(v["gates"]["forget"] for v in variants["variants"].values()) >= t["variant_gate_forget_min"],
+        f"retain and never-seen gates <= {t['variant_gate_retain_max']} under every prompt format":
+            max(max(v["gates"]["retain"], v["gates"]["general"]) for v in variants["variants"].values())
+            <= t["variant_gate_retain_max"],
     }
     samples = {name: [{k: r[k] for k in ("question", "before", "after", "gate")} for r in rows[name][:3]]
                for name, _ in SPLITS}
     command = f"grun-fast demo --model {args.model}" + (" --quick" if args.quick else "") + f" --seed {plan.seed}"
     return {
         "command": command, "model": args.model, "topic": TOPIC_LABEL, "method": plan.method, "layers": layers,
-        "plan": asdict(plan), "thresholds": THRESHOLDS, "table": table, "checks": checks, "samples": samples,
+        "plan": asdict(plan), "thresholds": THRESHOLDS, "table": table, "format_gates": variants, "checks": checks,
+        "samples": samples,
         "rows": rows, "seconds": times, "library_version": __version__,
     }
 
@@ -298,7 +311,9 @@ def write_real_report(report: dict[str, Any], out: Path) -> list[Path]:
           "ROUGE-L recall against the model's own greedy answers before unlearning, with the adapter deployed at "
           f"gate_threshold {report['plan']['gate_threshold']} (and, in brackets, without a threshold); mean soft gate "
           f"at the last prompt token over layers {report['layers']}.", "",
-          render_real_table(report, markdown=True), "", "```", render_real_samples(report), "```", ""]
+          render_real_table(report, markdown=True), "",
+          format_gates_markdown(report["format_gates"]),
+          "```", render_real_samples(report), "```", ""]
     return [write_json(report, out / "report.json"), write_text("\n".join(md), out / "report.md"),
             plot_real_report(report, out / "report.png")]
 

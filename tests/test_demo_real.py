@@ -58,6 +58,15 @@ def _rows(forget_after: str, retain_after: str, gate_f: float, gate_r: float) ->
     return rows
 
 
+def _variants(gate_f: float, gate_r: float, worst_f: float | None = None) -> dict:
+    """format_gates' shape: the trained format and two variants, the second with ``worst_f`` on forget."""
+    def gates(f):
+        return {"forget": f, "reworded": f, "retain": gate_r, "general": gate_r}
+    return {"format": "Q: {question}\nA:", "variants": {
+        "as trained": {"format": "Q: {question}\nA:", "gates": gates(gate_f)},
+        "bare question": {"format": "{question}", "gates": gates(gate_f if worst_f is None else worst_f)}}}
+
+
 def _args(**kw):
     return argparse.Namespace(model="smollm2", quick=True, **kw)
 
@@ -65,7 +74,7 @@ def _args(**kw):
 def test_report_passes_and_fails_where_it_should(tmp_path):
     times = {"total": 1.0}
     good = demo_real.build_real_report(_rows("I don't know.", "The capital of France is Paris.", 0.99, 0.01),
-                                       _args(), demo_real.REAL_QUICK, [18, 23, 29], times)
+                                       _args(), demo_real.REAL_QUICK, [18, 23, 29], times, _variants(0.99, 0.01))
     assert all(good["checks"].values())
     t = good["table"]
     assert t["forget"]["rouge_l"] == 0.0 and t["retain"]["rouge_l"] == 1.0
@@ -74,9 +83,15 @@ def test_report_passes_and_fails_where_it_should(tmp_path):
 
     leaky = demo_real.build_real_report(
         _rows("The books are by J.K. Rowling.", "Paris is nice.", 0.5, 0.2), _args(), demo_real.REAL_QUICK,
-        [18], times)
+        [18], times, _variants(0.5, 0.2))
     failed = {name for name, ok in leaky["checks"].items() if not ok}
-    assert len(failed) == 7, failed
+    assert len(failed) == 9, failed
+    # One variant where the forget gate falls to 0.79 misses only that check.
+    drifted = demo_real.build_real_report(
+        _rows("I don't know.", "The capital of France is Paris.", 0.99, 0.01), _args(), demo_real.REAL_QUICK,
+        [18, 23, 29], times, _variants(0.99, 0.01, worst_f=0.79))
+    assert [name for name, ok in drifted["checks"].items() if not ok] == [
+        "forget gate >= 0.8 under every prompt format"]
     assert leaky["table"]["forget"]["fact_stated_after"] == 2
 
     paths = demo_real.write_real_report(good, tmp_path)
@@ -85,6 +100,7 @@ def test_report_passes_and_fails_where_it_should(tmp_path):
     assert data["checks"] == good["checks"] and data["rows"]["forget"][0]["after"] == "I don't know."
     md = (tmp_path / "report.md").read_text()
     assert "PASS  forget ROUGE-L <= 0.3" in md and "| forget (topic) | 10 | 0.000 | - |" in md
+    assert "| bare question | `'{question}'` | 0.990 | 0.990 | 0.010 | 0.010 |" in md
     assert (tmp_path / "report.png").stat().st_size > 1000
     text = demo_real.render_real_table(good)
     assert "never-seen general" in text and "MISS" not in text
