@@ -171,8 +171,10 @@ def _run_real(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def build_data(data: str | None, plan: Plan) -> dict[str, Any]:
-    """Training rows for the base and retain models, the forget/retain rows for GRUN, the eval splits."""
+def build_data(data: str | None, plan: Plan, split: str = "forget01") -> dict[str, Any]:
+    """Training rows for the base and retain models, the forget/retain rows for GRUN, the eval splits.
+
+    ``split``: the TOFU forget split (with ``data``); the built-in authors always forget one author."""
     if data is None:
         from grun_fast.data.synthetic import make_benchmark
 
@@ -183,12 +185,12 @@ def build_data(data: str | None, plan: Plan) -> dict[str, Any]:
     else:
         from grun_fast.evaluation.splits import tofu_eval_splits
 
-        tofu = tofu_eval_splits(data, "forget01")
-        forget = tofu["forget01"]
+        tofu = tofu_eval_splits(data, split)
+        forget = tofu[split]
         rng = random.Random(plan.seed)
         retain = rng.sample(tofu["retain"], min(plan.tofu_retain_rows, len(tofu["retain"])))
         knowledge = {k: rng.sample(tofu[k], min(plan.tofu_knowledge_rows, len(tofu[k]))) for k in ("world_facts", "real_authors")}
-        label = "TOFU forget01"
+        label = f"TOFU {split}"
     knowledge_rows = [r for rows in knowledge.values() for r in rows]
     eval_splits = {"forget": forget, "retain": retain, **knowledge}
     return {

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss, gd_forget_loss_from_nll,
+from grun_fast.unlearn.losses import (simnpo_loss, answer_nll, gate_bce, gd_forget_loss, gd_forget_loss_from_nll,
                                       idk_forget_loss, idk_forget_loss_from_nll, masked_mse, mean_nll, npo_loss,
                                       retain_loss_from_nll, rmu_control_vector, rmu_forget_loss, rmu_retain_loss,
                                       token_mean_nll, total_loss)
@@ -72,6 +72,20 @@ def test_npo_by_hand():
     assert npo_loss(s, s, 0.1).item() == pytest.approx(20 * L2, abs=1e-5)
     with pytest.raises(ValueError, match="beta"):
         npo_loss(s, s_ref, 0.0)
+
+
+def test_simnpo_by_hand():
+    s, n = torch.tensor([6.0, 1.0]), torch.tensor([3, 2])       # mean token NLLs 2.0 and 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = -(2 / 2.5) * (math.log(sig(2.5 * 2.0)) + math.log(sig(2.5 * 0.5))) / 2
+    assert simnpo_loss(s, n, 2.5).item() == pytest.approx(expected, abs=1e-6)
+    gamma = -(2 / 2.5) * (math.log(sig(2.5 * 2.0 - 1.0)) + math.log(sig(2.5 * 0.5 - 1.0))) / 2
+    assert simnpo_loss(s, n, 2.5, gamma=1.0).item() == pytest.approx(gamma, abs=1e-6)
+    # the same mean NLL gives the same loss whatever the answer's length (NPO's summed NLL would not)
+    assert simnpo_loss(torch.tensor([20.0]), torch.tensor([10]), 2.5).item() == pytest.approx(
+        simnpo_loss(torch.tensor([2.0]), torch.tensor([1]), 2.5).item(), abs=1e-7)
+    with pytest.raises(ValueError, match="beta"):
+        simnpo_loss(s, n, 0.0)
 
 
 def test_npo_gradient_pushes_nll_up_and_fades():

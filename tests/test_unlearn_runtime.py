@@ -158,7 +158,7 @@ def _row_nll(logits, labels):
     return nll.view(lb.shape).sum(-1), (lb != -100).sum(-1)
 
 
-@pytest.mark.parametrize("method", ["gd", "idk", "npo"])
+@pytest.mark.parametrize("method", ["gd", "idk", "npo", "simnpo"])
 def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, method):
     forget, retain = data
     model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
@@ -176,6 +176,8 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
             forget_term = -s[:nf].sum() / n[:nf].sum()
         elif method == "idk":
             forget_term = s[:nf].sum() / n[:nf].sum()
+        elif method == "simnpo":   # per row: beta x mean token NLL
+            forget_term = -(2 / cfg.beta) * F.logsigmoid(cfg.beta * s[:nf] / n[:nf]).mean()
         else:
             ref = self.reference[inputs["forget_index"]]
             forget_term = -(2 / cfg.beta) * F.logsigmoid(cfg.beta * (s[:nf] - ref)).mean()
@@ -192,7 +194,8 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
     for got, want in pairs:
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     # the defaults that enter the sum (gd: forget x1, retain x2; npo: forget x10)
-    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 1.0)}[method]
+    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 1.0), "simnpo": (10.0, 1.0)}[method]
     cfg = grun_fast.unlearn.UnlearnConfig(method=method)
     assert (cfg.forget_scale, cfg.lambda_r, cfg.lambda_g) == (*scale, 10.0)
+    assert cfg.beta == {"npo": 0.1, "simnpo": 2.5}.get(method, 0.1)
     assert not math.isnan(pairs[-1][0])

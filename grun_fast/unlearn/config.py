@@ -11,7 +11,7 @@ from typing import Any
 from grun_fast.config import GATES, POSITIONS, GRUNConfig
 from grun_fast.data.prompts import check_template
 from grun_fast.errors import GRUNError
-from grun_fast.unlearn.losses import DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, METHODS
+from grun_fast.unlearn.losses import DEFAULT_BETA, DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, METHODS
 
 # Fractions of depth of the reference layers (20, 25, 31 of 32): ~62 %, 78 %, the last layer.
 DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
@@ -35,7 +35,8 @@ class UnlearnConfig:
     layers: decoder layers to edit (None: ~62 %, 78 % and 100 % of depth, as in the reference code).
     batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
     epochs: passes over the forget set (max_steps, when set, wins).
-    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 10; idk, rmu: 1, 1).
+    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo, simnpo: 1 and 10; idk, rmu: 1, 1).
+    beta: NPO/SimNPO temperature; None picks the method's (npo 0.1 on summed NLL, simnpo 2.5 on mean NLL).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
     template: prompt format: "auto" (the tokenizer's chat template when it has one, else "plain"), "plain",
@@ -70,7 +71,7 @@ class UnlearnConfig:
     lambda_r: float | None = None
     lambda_g: float = 10.0
     forget_scale: float | None = None
-    beta: float = 0.1
+    beta: float | None = None
     rmu_coefficient: float = 300.0
     rmu_layer: int | None = None
     template: str = "auto"
@@ -102,11 +103,13 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise GRUNError(f"{name} must be None or an integer >= 1, got {value!r}")
-        for name in ("lr", "beta", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio"):
+        for name in ("lr", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio"):
             _check_number(name, getattr(self, name))
-        for name in ("lambda_r", "forget_scale"):
+        for name in ("lambda_r", "forget_scale", "beta"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name))
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.method, DEFAULT_BETA["npo"])
         for name in ("lr", "beta", "rmu_coefficient"):
             if not getattr(self, name) > 0:
                 raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")

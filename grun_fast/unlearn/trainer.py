@@ -43,7 +43,7 @@ from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, 
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
-                                      npo_loss, retain_loss_from_nll, rmu_control_vector, rmu_forget_loss,
+                                      npo_loss, retain_loss_from_nll, simnpo_loss, rmu_control_vector, rmu_forget_loss,
                                       rmu_retain_loss, total_loss)
 from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
@@ -244,7 +244,7 @@ class GRUNTrainer(Trainer):
             # one process: the unwrapped model's backbone + LM head at answer tokens (+ cached prefix);
             # several: through the DDP wrapper (its forward arms the gradient all-reduce), full logits
             single = world == 1 and model is self.grun_model
-            nll, _ = batch_answer_nll(self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys,
+            nll, answer_tokens = batch_answer_nll(self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys,
                                       lower_cache=self.lower_cache, answer_head=single and self.answer_head,
                                       prefix_cache=self.prefix_cache if single else None, call=model)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
@@ -272,6 +272,8 @@ class GRUNTrainer(Trainer):
                 forget = gd_forget_loss_from_nll(nll[:nf], denom[0])
             elif cfg.method == "idk":
                 forget = idk_forget_loss_from_nll(nll[:nf], denom[0])
+            elif cfg.method == "simnpo":   # a per-row mean over the local rows; DDP averages over processes
+                forget = simnpo_loss(nll[:nf], answer_tokens[:nf], cfg.beta)
             else:  # npo
                 s_ref = self.reference.to(nll.device)[inputs["forget_index"].to(nll.device)]
                 forget = npo_loss(nll[:nf], s_ref, cfg.beta)

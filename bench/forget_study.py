@@ -1,0 +1,289 @@
+"""What moves TOFU forget quality (issue 12): one GRUN setting per row, on the tiny TOFU pipeline.
+
+    python -m bench.forget_study --data ../shared/data/tofu --split forget01 --split forget05 --seeds 0,1,2
+
+For each forget split: a tiny base model that memorised forget + retain + world-facts/real-authors rows and a
+retain model that never saw the forget rows (both trained once, with seed 0, and cached like the demo's), then
+for every setting and seed a GRUN adapter trained on the forget split (the seed varies the adapter's
+initialisation and data order) and the TOFU evaluation of base + GRUN. Forget quality is the KS test of the
+forget truth ratios against the retain model's; model utility the harmonic mean over retain, real authors and
+world facts. Only the forget questions/answers and retain rows are trained on; paraphrased and perturbed
+answers are scored, never trained on.
+
+Appends one row per (split, setting, seed) to bench/results/forget_study.csv and rewrites
+forget_study.md (medians over seeds) and forget_study.png (forget quality against model utility).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV = RESULTS / "forget_study.csv"
+FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l",
+          "paraphrased_rouge_l", "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks",
+          "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
+          "retain_model_utility", "train_seconds", "overrides", "date", "version"]
+
+# Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "gd": {"method": "gd"},
+    "npo": {"method": "npo"},
+    "simnpo": {"method": "simnpo"},
+    "idk": {"method": "idk"},
+    "rmu": {"method": "rmu"},
+    "gd/all": {"method": "gd", "positions": "all"},
+    "npo/all": {"method": "npo", "positions": "all"},
+    "simnpo/all": {"method": "simnpo", "positions": "all"},
+    "idk/all": {"method": "idk", "positions": "all"},
+    "npo/linear": {"method": "npo", "gate": "linear"},
+    "npo/rank16": {"method": "npo", "rank": 16},
+    "npo/layers1-5": {"method": "npo", "layers": [1, 2, 3, 4, 5]},
+    "npo/3xsteps": {"method": "npo", "steps_factor": 3},
+}
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def pipeline(data: str, split: str, cache: Path, retain_rows: int) -> dict[str, Any]:
+    """Rows, base and retain models, and their evaluations for one forget split (cached models)."""
+    from grun_fast.demo import Plan, build_data, cached_model
+
+    plan = replace(Plan(), tofu_retain_rows=retain_rows)
+    rows = build_data(data, plan, split)
+    base, tokenizer = cached_model(cache, "base", rows["train_base"], plan)
+    retain_model, _ = cached_model(cache, "retain", rows["train_retain"], plan, tokenizer=tokenizer)
+    retain_eval = _evaluate(retain_model, tokenizer, rows["eval_splits"], None, plan)
+    ratios = [r["truth_ratio"] for r in retain_eval["splits"]["forget"]["rows"]]
+    base_eval = _evaluate(base, tokenizer, rows["eval_splits"], ratios, plan)
+    return {"plan": plan, "rows": rows, "base": base, "tokenizer": tokenizer, "retain_eval": retain_eval,
+            "retain_ratios": ratios, "base_eval": base_eval}
+
+
+def _evaluate(model, tokenizer, splits, ratios, plan) -> dict[str, Any]:
+    from grun_fast.evaluation import evaluate
+
+    return evaluate(model, tokenizer, splits, retain_truth_ratios=ratios, batch_size=32,
+                    max_new_tokens=plan.max_new_tokens, progress=False)
+
+
+def _gate(split: dict) -> float | None:
+    values = [v for layers in split["gate"].values() for v in layers.values()]
+    return sum(values) / len(values) if values else None
+
+
+def summary(ev: dict[str, Any]) -> dict[str, Any]:
+    forget, retain = ev["splits"]["forget"], ev["splits"]["retain"]
+    return {
+        "forget_quality": (ev.get("forget_quality") or {}).get("forget"),
+        "model_utility": ev.get("model_utility"),
+        "forget_rouge_l": forget["rouge_l"], "retain_rouge_l": retain["rouge_l"],
+        "paraphrased_rouge_l": forget["paraphrased_question"]["rouge_l"],
+        "forget_truth_ratio": forget.get("truth_ratio"),
+        "gate_forget": _gate(forget), "gate_retain": _gate(retain),
+        "forget_leaks": (forget.get("leaks") or {}).get("count"),
+    }
+
+
+def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int) -> dict[str, Any]:
+    """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row."""
+    from grun_fast import patching
+    from grun_fast.unlearn import unlearn
+    from grun_fast.version import __version__
+
+    overrides = dict(SETTINGS[name])
+    factor = overrides.pop("steps_factor", 1)
+    method = overrides.pop("method")
+    base, rows = pipe["base"], pipe["rows"]
+    result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], method=method, seed=seed,
+                     max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
+    try:
+        ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
+    finally:
+        patching.unpatch(base, "study")
+    b = summary(pipe["base_eval"])
+    return {
+        "split": split, "setting": name, "seed": seed, **summary(ev),
+        "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],
+        "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
+        "retain_model_utility": pipe["retain_eval"].get("model_utility"),
+        "train_seconds": round(result.train_seconds, 1),
+        "overrides": ";".join(f"{k}={v}" for k, v in {**SETTINGS[name], "max_steps": steps * factor}.items()),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
+    }
+
+
+def append(row: dict[str, Any], path: Path = CSV) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k) for k in FIELDS})
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _num(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def medians(path: Path = CSV) -> list[dict[str, Any]]:
+    """One entry per (split, setting): medians over seeds of every numeric column (latest row per seed)."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        latest[(r["split"], r["setting"], r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for (split, setting, _), r in latest.items():
+        groups.setdefault((split, setting), []).append(r)
+    out = []
+    for (split, setting), rs in groups.items():
+        entry: dict[str, Any] = {"split": split, "setting": setting, "seeds": len(rs)}
+        for k in FIELDS:
+            values = [v for v in (_num(r[k]) for r in rs) if v is not None]
+            if values and k not in ("seed",):
+                entry[k] = statistics.median(values)
+        out.append(entry)
+    return out
+
+
+def targets(m: dict[str, Any]) -> dict[str, bool]:
+    """Issue 12's targets for one median row."""
+    fq, bfq = m.get("forget_quality"), m.get("base_forget_quality")
+    return {
+        "FQ>=0.01": fq is not None and fq >= 0.01,
+        "FQ>=100x base": fq is not None and bfq is not None and fq >= 100 * bfq,
+        "retain within 0.05": abs(m["retain_rouge_l"] - m["base_retain_rouge_l"]) <= 0.05,
+        "MU>=0.9x base": m["model_utility"] >= 0.9 * m["base_model_utility"],
+        "forget ROUGE drop>=0.5": m["base_forget_rouge_l"] - m["forget_rouge_l"] >= 0.5,
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v != 0 and abs(v) < 1e-3:
+        return f"{v:.1e}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(path: Path = CSV) -> list[Path]:
+    entries = sorted(medians(path), key=lambda m: (m["split"], -(m.get("forget_quality") or 0)))
+    cols = ["forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "paraphrased_rouge_l",
+            "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks", "train_seconds"]
+    md = ["# Forget-quality study (issue 12)", "",
+          "`python -m bench.forget_study` on the tiny TOFU pipeline (bench/forget_study.py); medians over seeds "
+          "of the adapter (base and retain models trained once with seed 0). Targets: FQ >= 0.01 and >= 100x the "
+          "base's, retain ROUGE-L within 0.05 of the base's, model utility >= 0.9x the base's, forget ROUGE-L "
+          "drop >= 0.5.", ""]
+    for split in sorted({m["split"] for m in entries}):
+        rows = [m for m in entries if m["split"] == split]
+        ref = rows[0]
+        md += [f"## {split}: base FQ {_fmt(ref.get('base_forget_quality'))}, base MU "
+               f"{_fmt(ref.get('base_model_utility'))}, base forget/retain ROUGE-L {_fmt(ref.get('base_forget_rouge_l'))}"
+               f" / {_fmt(ref.get('base_retain_rouge_l'))}, retain model MU {_fmt(ref.get('retain_model_utility'))}",
+               "", "| setting | seeds | " + " | ".join(cols) + " | targets met |",
+               "|" + " --- |" * (len(cols) + 3)]
+        for m in rows:
+            met = targets(m)
+            md.append(f"| {m['setting']} | {m['seeds']} | " + " | ".join(_fmt(m.get(c)) for c in cols)
+                      + f" | {sum(met.values())}/{len(met)} " + ("(all)" if all(met.values()) else
+                      "(" + ", ".join(k for k, ok in met.items() if not ok) + " missed)") + " |")
+        md.append("")
+    md_path = path.with_suffix(".md")
+    tmp = md_path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, md_path)
+    return [md_path, plot(entries, path.with_suffix(".png"))]
+
+
+def plot(entries: list[dict[str, Any]], path: Path) -> Path:
+    """Forget quality (log) against model utility, one panel per split, base and retain model marked."""
+    from grun_fast.evaluation.report import _pyplot, _save_figure
+
+    plt = _pyplot()
+    splits = sorted({m["split"] for m in entries})
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        rows = [m for m in entries if m["split"] == split and m.get("forget_quality") is not None]
+        for m in rows:
+            ax.scatter(m["model_utility"], m["forget_quality"], s=30)
+            ax.annotate(m["setting"], (m["model_utility"], m["forget_quality"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if rows:
+            ref = rows[0]
+            ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
+            ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
+        ax.axhline(0.01, ls=":", c="grey", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("model utility")
+        ax.set_ylabel("forget quality (KS p)")
+        ax.set_title(f"TOFU {split}, tiny pipeline (median over seeds)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    return _save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("TOFU_DATA"), help="TOFU folder or locuslab/TOFU")
+    p.add_argument("--split", action="append", help="forget split(s) (default forget01 and forget05)")
+    p.add_argument("--settings", default="all", help=f"comma-separated, from: {', '.join(SETTINGS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps of each adapter (default: the demo's)")
+    p.add_argument("--retain-rows", type=int, default=80, help="retain rows (base training and GRUN's retain set)")
+    p.add_argument("--cache", default=os.environ.get("GRUN_FAST_CACHE") or str(Path.home() / ".cache" / "grun_fast"))
+    p.add_argument("--csv", default=str(CSV))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the CSV")
+    args = p.parse_args(argv)
+    path = Path(args.csv)
+    if args.report_only:
+        _say(f"wrote {', '.join(map(str, write_report(path)))}")
+        return 0
+    if not args.data:
+        p.error("--data (or $TOFU_DATA) is required")
+    names = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for split in args.split or ["forget01", "forget05"]:
+        t0 = time.perf_counter()
+        pipe = pipeline(args.data, split, Path(args.cache), args.retain_rows)
+        b = summary(pipe["base_eval"])
+        _say(f"{split}: base FQ {_fmt(b['forget_quality'])} MU {_fmt(b['model_utility'])} forget ROUGE "
+             f"{_fmt(b['forget_rouge_l'])} retain ROUGE {_fmt(b['retain_rouge_l'])}; retain model MU "
+             f"{_fmt(pipe['retain_eval'].get('model_utility'))} ({time.perf_counter() - t0:.0f} s)")
+        for name in names:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                row = run_setting(pipe, split, name, seed, args.steps)
+                append(row, path)
+                _say(f"  {split} {name:14s} seed {seed}: FQ {_fmt(row['forget_quality'])} MU "
+                     f"{_fmt(row['model_utility'])} forget {_fmt(row['forget_rouge_l'])} retain "
+                     f"{_fmt(row['retain_rouge_l'])} gates {_fmt(row['gate_forget'])}/{_fmt(row['gate_retain'])}"
+                     f" ({time.perf_counter() - t0:.0f} s)")
+        write_report(path)
+    _say(f"wrote {path} and its .md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
