@@ -6,6 +6,9 @@ register / spill budget of each configuration can be checked where only the inte
     python -m grun_fast.kernels.aot                 # sm_90, the default configurations, d = 4096, r = 4
     python -m grun_fast.kernels.aot --arch 80 --rows 16 16384 --rank 4 64
 
+Rows <= gated_loreft.SPLIT_D_MAX_ROWS also compile the two split-d forward kernels that `forward_2d` runs
+there (`compile_split_forward`); `compile_forward` always builds the row-block kernel.
+
 The launch arguments come from the same builders the launchers use, with meta tensors, and are
 specialised the way Triton's JIT would specialise them at run time (integers equal to 1 become constants,
 multiples of 16 and 16-byte-aligned pointers get the divisibility hint).
@@ -112,6 +115,20 @@ def compile_forward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat
     return _compiled("fwd", K._fwd_kernel, args, consts, warps, arch, dtype)
 
 
+def compile_split_forward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
+                          gate_logit: bool = False, masked: bool = False, threshold: bool = False,
+                          inplace: bool = False) -> list[Compiled]:
+    """Both launches of the few-row split-d forward (kernels/split_d.py) as `forward_2d` would run them;
+    [] when the dispatch rule picks the row-block kernel for this shape."""
+    h, ag, rot, bias, logit, mask = _meta_inputs(rows, d, r, dtype, gate_logit, masked)
+    out, gate = torch.empty_like(h), torch.empty(rows, device="meta")
+    split = K._split_launches(h, ag, rot, bias, logit, mask, 0.5 if threshold else None, out, gate, inplace)
+    if split is None:
+        return []
+    return [_compiled(name, K._KERNEL_FNS[name], args, consts, warps, arch, dtype)
+            for name, _grid, args, consts, warps in split[1]]
+
+
 def compile_backward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90,
                      gate_logit: bool = False, masked: bool = False, threshold: bool = False,
                      deterministic: bool = False) -> Compiled:
@@ -136,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtype:
         for r in args.rank:
             for rows in args.rows:
-                for build in (compile_forward, compile_backward):
-                    c = build(rows, args.d, r, dtypes[dtype], args.arch)
+                built = [compile_forward(rows, args.d, r, dtypes[dtype], args.arch),
+                         compile_backward(rows, args.d, r, dtypes[dtype], args.arch),
+                         *compile_split_forward(rows, args.d, r, dtypes[dtype], args.arch)]
+                for c in built:
                     print(f"sm_{args.arch} {c.name} {dtype} rows={rows} d={args.d} r={r} {c.config}: "
                           f"{c.resources()}")
     return 0

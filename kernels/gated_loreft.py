@@ -17,10 +17,12 @@ in the backward.
 
 One forward launch: each program owns BLOCK_M rows; pass 1 walks d reading `h` once and accumulates
 [p | a] in fp32; pass 2 walks d again, last tile first (re-reading the same rows, expected from L2), and
-writes `out`. One backward launch: the same two passes over `h` and `dout` per row block, writing `dh` in
-pass 2 and accumulating the fp32 weight-gradient partials [dp | da]^T h and (s p)^T y: atomically into one
-buffer (default) or, with deterministic=True, into one buffer per program (each program owns a fixed
-contiguous range of row blocks), summed afterwards by torch in a fixed order.
+writes `out`. At most SPLIT_D_MAX_ROWS rows (decode) take the split-d forward of `split_d.py` instead: two
+launches whose programs each own a range of d, so up to 32 SMs share a few-row call. One backward launch:
+the same two passes over `h` and `dout` per row block, writing `dh` in pass 2 and accumulating the fp32
+weight-gradient partials [dp | da]^T h and (s p)^T y: atomically into one buffer (default) or, with
+deterministic=True, into one buffer per program (each program owns a fixed contiguous range of row
+blocks), summed afterwards by torch in a fixed order.
 
 Kernels are wrapped lazily and use only Triton builtins: CUDA tensors get them compiled, CPU tensors run
 them in the Triton interpreter, whenever triton was first imported. `grun_fast.functional` validates the
@@ -41,10 +43,15 @@ import triton
 import triton.language as tl
 
 from grun_fast.errors import GRUNError
+from grun_fast.kernels import split_d
 
+# forward_2d splits d across programs (kernels/split_d.py: two launches) for at most this many rows: at
+# decode batch sizes one row-block program walking all of d leaves most of the GPU idle.
+SPLIT_D_MAX_ROWS = 16
 # Deterministic backward keeps one fp32 partial per program; cap their total size.
 DETERMINISTIC_WORKSPACE_BYTES = 256 * 2**20
-# Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128}.
+# Block-size overrides for tuning on a GPU, e.g. {"fwd_block_m": 32, "bwd_block_d": 128, "split_block_d": 64,
+# "split_warps": 8}.
 CONFIG_OVERRIDES: dict[str, int] = {}
 
 
@@ -257,7 +264,7 @@ def _bwd_kernel(
         tl.atomic_add(wsv + offs_k, dv_acc, mask=ag_mask, sem="relaxed")
 
 
-_KERNEL_FNS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
+_KERNEL_FNS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel, **split_d.KERNEL_FNS}
 _KERNEL_CACHE: dict[tuple[str, bool], object] = {}
 
 
@@ -407,9 +414,32 @@ def forward_2d(
         gate = torch.empty((n,), dtype=torch.float32, device=h.device)
     if n == 0:
         return out, gate
+    interpret = _interpreting(h)
+    split = _split_launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace)
+    if split is not None:
+        _ws, steps = split  # the workspace lives until both launches are queued
+        for name, grid, args, consts, warps in steps:
+            _kernel(name, interpret)[grid](*args, **consts, num_warps=warps)
+        return out, gate
     grid, args, consts, warps = _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace)
-    _kernel("fwd", _interpreting(h))[grid](*args, **consts, num_warps=warps)
+    _kernel("fwd", interpret)[grid](*args, **consts, num_warps=warps)
     return out, gate
+
+
+def _split_launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace):
+    """The split-d forward (workspace, launches) when the rule picks it: at most SPLIT_D_MAX_ROWS rows and d
+    wide enough for two ranges; else None (the row-block kernel runs)."""
+    n, d = h.shape
+    if n > SPLIT_D_MAX_ROWS:
+        return None
+    rp = _rank_pad(rot.shape[0] + (0 if logit is not None else 1))
+    warps = CONFIG_OVERRIDES.get("split_warps", split_d.WARPS)
+    cap = _tile_d(d, rp, 256, warps, 16 if h.dtype != torch.float32 else 8)
+    plan = split_d.plan(d, rp, cap, CONFIG_OVERRIDES.get("split_block_d"))
+    if plan is None:
+        return None
+    return split_d.launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace, plan, rp, _precision(h),
+                            warps)
 
 
 def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, deterministic, dh, dlogit):
