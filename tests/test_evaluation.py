@@ -177,6 +177,28 @@ def test_answer_nll_matches_manual_forward_and_is_batch_invariant(tiny):
     np.testing.assert_allclose(nll, one, rtol=1e-6)
 
 
+def test_open_unlearning_encoding_scores_its_evaluators_tokens(patched):
+    """--encoding open-unlearning: ids = tokenize(prompt + " " + answer) + EOS, labels (and the edit) from
+    len(tokenize(prompt + " ")), as open-unlearning's evaluator builds them."""
+    model, tokenizer = patched
+    rows = _rows(5)
+    nll, _ = answer_nll(model, tokenizer, rows, batch_size=3, encoding="open-unlearning")
+    expected, merged = [], 0
+    for r in rows:
+        prompt = f"Question: {r['question']}\nAnswer: "
+        p = len(tokenizer(prompt)["input_ids"])
+        ids = tokenizer(prompt + r["answer"])["input_ids"] + [tokenizer.eos_token_id]
+        merged += ids[:p] != tokenizer(prompt)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad(), grun_fast.edit_at(model, mask=torch.arange(len(ids))[None] == p - 1):
+            logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
+        expected.append(-np.mean([logp[k - 1, ids[k]].item() for k in range(p, len(ids))]))
+    np.testing.assert_allclose(nll, expected, rtol=1e-6)
+    assert merged > 0    # this tokenizer merges the trailing space into the first answer word
+    ours, _ = answer_nll(model, tokenizer, rows, batch_size=3)
+    assert np.max(np.abs(ours - nll)) > 1e-3
+
+
 @pytest.mark.parametrize("answer_head", [True, False], ids=["answer_head", "full_logits"])
 def test_answer_nll_edits_last_prompt_token_and_reads_its_gate(patched, answer_head, monkeypatch):
     model, tokenizer = patched
@@ -526,6 +548,10 @@ def test_eval_and_compare_commands_on_tofu(tmp_path, capsys):
     args = _eval_args(model=model_dir, adapter=[tmp_path / "adapter"], out=tmp_path / "grun", mc=[mc],
                       retain_eval=tmp_path / "retain_run" / "eval.json", **common)
     assert command.run(args) == 0
+    ou = _eval_args(model=model_dir, adapter=[tmp_path / "adapter"], out=tmp_path / "ou", encoding="open-unlearning",
+                    no_baseline=True, no_format_gates=True, **common)
+    assert command.run(ou) == 0
+    assert json.loads((tmp_path / "ou" / "eval.json").read_text())["metrics"]["settings"]["encoding"] == "open-unlearning"
     for name in ("eval.json", "summary.md", "eval.png"):
         assert (tmp_path / "grun" / name).stat().st_size > 0
     run = json.loads((tmp_path / "grun" / "eval.json").read_text())

@@ -143,6 +143,26 @@ def test_trailing_whitespace_prompts_keep_their_own_tokens(which, rows, request)
             prompt + r["answer"], (prompt + r["answer"]).replace("  ", " "))
 
 
+@pytest.mark.parametrize("which", ["bpe", "spm"])
+def test_open_unlearning_encoding_is_its_evaluators(which, rows, request):
+    """``encoding="open-unlearning"``: the separator ends the prompt, prompt + answer are tokenised in one call
+    and labelled from len(tokenize(prompt)), as its evaluator does; generation sees tokenize(prompt)."""
+    tok = request.getfixturevalue(which)
+    examples = encode_rows(tok, rows, "plain", encoding="open-unlearning")
+    prompts = prompt_ids_batch(tok, rows, "plain", encoding="open-unlearning")
+    ours = encode_rows(tok, rows, "plain")
+    differ = 0
+    for r, e, p, o in zip(rows, examples, prompts, ours):
+        prompt = PLAIN_TEMPLATE.format(question=r["question"]) + " "
+        assert p == tok(prompt)["input_ids"]
+        assert e["input_ids"] == tok(prompt + r["answer"])["input_ids"] + [tok.eos_token_id]
+        assert e["prompt_len"] == len(tok(prompt)["input_ids"])
+        differ += e["input_ids"] != o["input_ids"] or e["prompt_len"] != o["prompt_len"]
+    assert differ > 0   # the trailing space merges with the first answer word: the labels really differ
+    with pytest.raises(GRUNError, match="unknown encoding"):
+        encode_rows(tok, rows, "plain", encoding="openunlearning")
+
+
 def test_chat_answer_follows_the_generation_prompt(bpe, rows):
     bpe.chat_template = CHATML_DEFAULT_SYSTEM
     e = encode_rows(bpe, rows[:3], "auto")

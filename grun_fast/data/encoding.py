@@ -19,9 +19,9 @@ IGNORE_INDEX = -100
 
 def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "auto",
                 max_length: int = 512, answer_key: str = "answer", question_key: str = "question",
-                add_eos: bool = True) -> list[dict[str, Any]]:
+                add_eos: bool = True, encoding: str = "grun") -> list[dict[str, Any]]:
     """Rows -> ``[{"input_ids": list[int], "prompt_len": int}]`` (prompts and answers each tokenised in one
-    call).
+    call; ``encoding``: ``prompts.ENCODINGS``).
 
     Longer than ``max_length``: the answer is cut first; a prompt that alone does not leave room for one
     answer token loses its beginning (its end, the edited token, is kept).
@@ -32,7 +32,7 @@ def encode_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str
     if missing is not None:
         raise GRUNError(f"row {missing} has no string {answer_key!r}: {dict(rows[missing])!r:.200}")
     prompts, answers = encode_prompts_answers(tokenizer, rows, [row[answer_key] for row in rows], template,
-                                              question_key)
+                                              question_key, encoding)
     if add_eos and tokenizer.eos_token_id is not None:
         answers = [a + [tokenizer.eos_token_id] for a in answers]
     out = []

@@ -29,6 +29,10 @@ from grun_fast.errors import GRUNError
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 TEMPLATES = ("auto", "plain", "chat")
+# How prompt + answer become ids: "grun" (the exact boundary above) or "open-unlearning" (its evaluator's: the
+# separator ends the prompt, prompt + answer are tokenised in one call and labelled from the prompt's length, so
+# the first answer word may merge with the prompt's trailing space). Only evaluation offers the second.
+ENCODINGS = ("grun", "open-unlearning")
 CHAT_VARIANTS = ("chat:no-system", "chat:system")
 GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
 # Changes whenever the text or tokens a row encodes to change (the demo keys its cached models with it).
@@ -261,23 +265,34 @@ def _by_flag(tokenizer: Any, texts: Sequence[str], special: Sequence[bool]) -> l
 
 
 def prompt_ids_batch(tokenizer: Any, rows: Sequence[Mapping[str, Any]], template: str = "auto",
-                     question_key: str = "question") -> list[list[int]]:
+                     question_key: str = "question", encoding: str = "grun") -> list[list[int]]:
     """Token ids of each row's prompt, exactly as generation and teacher-forced scoring must see them.
 
     Never empty: an empty prompt (document mode) becomes the BOS token (EOS when there is no BOS), so the
     edit always has a position, ``len(ids) - 1``.
     """
-    return encode_prompts_answers(tokenizer, rows, None, template, question_key)[0]
+    return encode_prompts_answers(tokenizer, rows, None, template, question_key, encoding)[0]
+
+
+def check_encoding(encoding: Any) -> str:
+    if encoding not in ENCODINGS:
+        raise GRUNError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    return encoding
 
 
 def encode_prompts_answers(tokenizer: Any, rows: Sequence[Mapping[str, Any]], answers: Sequence[str] | None,
-                           template: str = "auto", question_key: str = "question"
+                           template: str = "auto", question_key: str = "question", encoding: str = "grun"
                            ) -> tuple[list[list[int]], list[list[int]] | None]:
-    """(prompt ids, answer ids or None) of each row; the answer's ids are exact continuations of the prompt's
-    (see the module docstring), without EOS."""
+    """(prompt ids, answer ids or None) of each row, without EOS. ``encoding="grun"``: the answer's ids are
+    exact continuations of the prompt's (see the module docstring); ``"open-unlearning"``: see ENCODINGS (the
+    prompt ids returned with answers are then the joined text's first ``len(tokenize(prompt))`` ids)."""
+    check_encoding(encoding)
     template = resolve_template(template, tokenizer)
     texts = [row_prompt(row, tokenizer, template, question_key) for row in rows]
     special = [_adds_special_tokens(row, template) for row in rows]
+    seps = [answer_separator(row, text, template) for row, text in zip(rows, texts)]
+    if encoding == "open-unlearning":
+        texts, seps = [t + s for t, s in zip(texts, seps)], ["" for _ in seps]
     prompts = _by_flag(tokenizer, texts, special)
     empty = [i for i, ids in enumerate(prompts) if not ids]
     if empty:
@@ -286,8 +301,12 @@ def encode_prompts_answers(tokenizer: Any, rows: Sequence[Mapping[str, Any]], an
             prompts[i] = [start]
     if answers is None:
         return prompts, None
-    seps = [answer_separator(row, text, template) for row, text in zip(rows, texts)]
     joined = _by_flag(tokenizer, [t + s + a for t, s, a in zip(texts, seps, answers)], special)
+    if encoding == "open-unlearning":
+        full = [i not in empty and len(j) > len(p) for i, (p, j) in enumerate(zip(prompts, joined))]
+        return ([j[:len(p)] if ok else p for ok, p, j in zip(full, prompts, joined)],
+                [j[len(p):] if ok else _tokenize(tokenizer, [a], False)[0]
+                 for ok, p, j, a in zip(full, prompts, joined, answers)])
     alone: dict[int, list[int]] = {}
     out: list[list[int]] = []
     misfits = [i for i, (p, j) in enumerate(zip(prompts, joined))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from grun_fast.data.prompts import ENCODINGS
 from grun_fast.errors import GRUNError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -56,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a newline); default: the format the adapter was trained with (its "
                              "adapter_config.json), else auto (the chat template if the tokenizer has one, else "
                              "plain)")
+    parser.add_argument("--encoding", default="grun", choices=ENCODINGS,
+                        help="how prompt + answer become token ids: grun (the exact prompt/answer boundary "
+                             "training uses) or open-unlearning (its evaluator's: prompt + answer tokenised in one "
+                             "call, labelled from the prompt's length; numbers comparable with its own)")
     parser.add_argument("--no-format-gates", action="store_true",
                         help="with --adapter: skip the mean gate per prompt-format variant (trailing space/newline "
                              "or none, chat with/without system prompt, bare question)")
@@ -179,7 +184,8 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"batch_size": args.batch_size, "template": args.template, "max_new_tokens": args.max_new_tokens,
+    return {"batch_size": args.batch_size, "template": args.template, "encoding": args.encoding,
+            "max_new_tokens": args.max_new_tokens,
             "max_length": args.max_length, "progress": not args.quiet,
             "holdout": getattr(args, "holdout_rows", None), "retain_mia_auc": getattr(args, "retain_mia_auc", None)}
 

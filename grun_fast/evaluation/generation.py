@@ -33,14 +33,14 @@ from grun_fast.errors import GRUNError
 def generate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
              question_key: str = "question", template: str = "auto", batch_size: int = 16,
              max_new_tokens: int = 128, desc: str | None = None,
-             eos_token_ids: Sequence[int] | None = None) -> list[str]:
+             eos_token_ids: Sequence[int] | None = None, encoding: str = "grun") -> list[str]:
     """Greedy continuations of each row's prompt, up to the first of ``eos_token_ids`` (default: the
     tokenizer's EOS; not returned) or ``max_new_tokens``."""
     if max_new_tokens < 1:
         raise GRUNError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise GRUNError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = prompt_ids_batch(tokenizer, rows, template, question_key)
+    prompts = prompt_ids_batch(tokenizer, rows, template, question_key, encoding)
     eos = set(eos_token_ids) if eos_token_ids else {tokenizer.eos_token_id} - {None}
     decoder = _Decoder(model, pad_token_id_of(tokenizer), eos, max_new_tokens)
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:

@@ -116,11 +116,11 @@ def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch
 @torch.no_grad()
 def answer_token_stats(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
                        template: str = "auto", batch_size: int = 16, max_length: int = 512,
-                       desc: str | None = None) -> list[dict[str, np.ndarray]]:
+                       desc: str | None = None, encoding: str = "grun") -> list[dict[str, np.ndarray]]:
     """Teacher-forced statistics of each row's answer tokens (EOS appended, last token dropped, see above),
     the edit at the last prompt token: per token ``correct`` (argmax == token), ``logprob``, ``mu``,
     ``sigma2``. One forward per batch; logits are kept from the earliest prompt end on."""
-    examples = encode_rows(tokenizer, rows, template, max_length)
+    examples = encode_rows(tokenizer, rows, template, max_length, encoding=encoding)
     pad_id = pad_token_id_of(tokenizer)
     device = model_device(model)
     trims = keeps_logits(model)

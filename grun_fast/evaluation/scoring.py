@@ -92,7 +92,7 @@ def keeps_logits(model: torch.nn.Module) -> bool:
 def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
                answer_key: str = "answer", question_key: str = "question", template: str = "auto",
                batch_size: int = 16, max_length: int = 512, gates: GateModules | None = None,
-               desc: str | None = None) -> tuple[np.ndarray, dict[str, dict[int, np.ndarray]]]:
+               desc: str | None = None, encoding: str = "grun") -> tuple[np.ndarray, dict[str, dict[int, np.ndarray]]]:
     """Mean token NLL of ``row[answer_key]`` given the prompt of ``row[question_key]``, per row.
 
     The answer is scored with its EOS, as it is trained. Returns ``(nll [N], gates)`` with
@@ -100,7 +100,7 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping[st
     prompt (causal attention), so it is the same for every answer scored after the same question.
     """
     gates = gates or {}
-    examples = encode_rows(tokenizer, rows, template, max_length, answer_key, question_key)
+    examples = encode_rows(tokenizer, rows, template, max_length, answer_key, question_key, encoding=encoding)
     pad_id = pad_token_id_of(tokenizer)
     device = model_device(model)
     n = len(examples)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from grun_fast.data.prompts import check_encoding
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation import metrics, privacy
 from grun_fast.evaluation.generation import generate
@@ -68,9 +69,9 @@ def _generation_settings(eos_ids: list[int]) -> dict[str, Any]:
 
 
 def _memorisation(model: Any, tokenizer: Any, rows: list[dict], *, template: str, batch_size: int,
-                  max_length: int, k: float, desc: str | None) -> list[dict[str, float]]:
+                  max_length: int, k: float, desc: str | None, encoding: str) -> list[dict[str, float]]:
     stats = privacy.answer_token_stats(model, tokenizer, rows, template=template, batch_size=batch_size,
-                                       max_length=max_length, desc=desc)
+                                       max_length=max_length, desc=desc, encoding=encoding)
     return [privacy.row_scores(s, k) for s in stats]
 
 
@@ -90,7 +91,7 @@ def _row_gates(gates: Mapping[str, Mapping[int, np.ndarray]], i: int) -> dict[st
 
 def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], modules: dict, *, batch_size: int,
                     template: str, max_new_tokens: int, max_length: int, progress: bool, eos_ids: list[int],
-                    mia_k: float) -> dict[str, Any]:
+                    mia_k: float, encoding: str) -> dict[str, Any]:
     kind = split_kind(name)
     n = len(rows)
     para_key = "answer" if kind == KNOWLEDGE else "paraphrased_answer"
@@ -107,7 +108,8 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
         jobs += [{"question": r["paraphrased_question"], "answer": r["answer"]} for r in rows]
 
     nll, gates = answer_nll(model, tokenizer, jobs, template=template, batch_size=batch_size,
-                            max_length=max_length, gates=modules, desc=f"{name}: scoring" if progress else None)
+                            max_length=max_length, gates=modules, desc=f"{name}: scoring" if progress else None,
+                            encoding=encoding)
     answer = nll[:n]
     para = nll[para_start:para_start + n] if para_key != "answer" else answer
     bounds = np.cumsum([pert_start] + counts)
@@ -118,12 +120,14 @@ def _evaluate_split(model: Any, tokenizer: Any, name: str, rows: list[dict], mod
     if kind == FORGET:
         questions += [{"question": r["paraphrased_question"]} for r in rows]
     texts = _generate(model, tokenizer, questions, eos_ids, template=template, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, desc=f"{name}: generating" if progress else None)
+                      max_new_tokens=max_new_tokens, desc=f"{name}: generating" if progress else None,
+                      encoding=encoding)
     rouge = [metrics.rouge_l_recall(texts[i], rows[i]["answer"]) for i in range(n)]
     memo = None
     if kind in (FORGET, RETAIN):
         memo = _memorisation(model, tokenizer, rows, template=template, batch_size=batch_size,
-                             max_length=max_length, k=mia_k, desc=f"{name}: memorisation" if progress else None)
+                             max_length=max_length, k=mia_k, desc=f"{name}: memorisation" if progress else None,
+                             encoding=encoding)
 
     ratios = metrics.truth_ratios(para, perturbed)
     if kind == KNOWLEDGE:
@@ -178,8 +182,8 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
              retain_truth_ratios: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
              batch_size: int = 16, *, template: str = "auto", max_new_tokens: int = MAX_NEW_TOKENS,
              max_length: int = 512, progress: bool = True, holdout: Sequence[Mapping[str, Any]] | None = None,
-             retain_mia_auc: float | Mapping[str, Any] | None = None, mia_k: float = privacy.MIA_K
-             ) -> dict[str, Any]:
+             retain_mia_auc: float | Mapping[str, Any] | None = None, mia_k: float = privacy.MIA_K,
+             encoding: str = "grun") -> dict[str, Any]:
     """Evaluate ``model`` (adapters applied as installed) on TOFU-style splits.
 
     splits: ``{name: rows}``; the name decides the kind (see ``splits``): ``forget*``, ``retain*`` or other.
@@ -195,6 +199,8 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
         it from a saved evaluation). Without it privleak uses open-unlearning's default reference AUC 0.5.
     Forget and retain splits also get extraction strength and exact memorisation (open-unlearning's); every
     split the ``prob_mean`` truth ratio; forget splits (and their reworded questions) the leak count.
+    encoding: how prompt + answer become ids (``grun_fast.data.prompts.ENCODINGS``): the project's exact
+        boundary, or ``"open-unlearning"`` for numbers comparable with its evaluator on the same model.
     Returns ``{"splits": {name: metrics}, "forget_quality": {split: p} , "model_utility": float | None,
     "privleak": {split: {...}}, "settings": {...}}``; every number is a plain float, so the dict is JSON as it
     stands.
@@ -213,6 +219,7 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
         raise GRUNError("retain_mia_auc needs holdout rows to compare the forget split with")
     if not 0.0 < mia_k <= 1.0:
         raise GRUNError(f"mia_k must be in (0, 1], got {mia_k}")
+    check_encoding(encoding)
     modules = gate_modules(model, adapter_name)
     names = list(modules)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -222,12 +229,13 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
     try:
         results = {name: _evaluate_split(model, tokenizer, name, rows, modules, batch_size=batch_size,
                                          template=template, max_new_tokens=max_new_tokens, max_length=max_length,
-                                         progress=progress, eos_ids=eos_ids, mia_k=mia_k)
+                                         progress=progress, eos_ids=eos_ids, mia_k=mia_k, encoding=encoding)
                    for name, rows in checked.items()}
         leak_risk = {}
         if holdout_rows is not None:
             held = _memorisation(model, tokenizer, holdout_rows, template=template, batch_size=batch_size,
-                                 max_length=max_length, k=mia_k, desc="holdout: scoring" if progress else None)
+                                 max_length=max_length, k=mia_k, desc="holdout: scoring" if progress else None,
+                                 encoding=encoding)
             for name in forget_names:
                 results[name]["mia"] = _mia(results[name]["rows"], held, mia_k)
                 leak_risk[name] = _privleak(results[name]["mia"], retain_auc.get(name))
@@ -243,7 +251,7 @@ def evaluate(model: Any, tokenizer: Any, splits: Mapping[str, Sequence[Mapping[s
         "forget_quality": quality,
         "model_utility": utility,
         "privleak": leak_risk,
-        "settings": {"adapters": names, "template": template, "max_new_tokens": max_new_tokens,
+        "settings": {"adapters": names, "template": template, "encoding": encoding, "max_new_tokens": max_new_tokens,
                      "max_length": max_length, "batch_size": batch_size, "mia_k": mia_k,
                      "holdout_n": len(holdout_rows) if holdout_rows is not None else None,
                      **_generation_settings(eos_ids)},
