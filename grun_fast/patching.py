@@ -4,7 +4,9 @@ One forward pre-hook on the backbone records each forward (`grun_fast.positions.
 the sequence, its attention mask); one forward hook per edited layer (prepended, so that hidden-state capture
 and other hooks see the edited output) applies that layer's adapters in the order they were patched, at the
 tokens `grun_fast.positions.select` names. `model.generate` is wrapped to record the prompt's last token
-before decoding. `disable_adapters` switches adapters off for a block; `save_adapter` writes one to disk.
+before decoding, and `model.init_continuous_batching` (behind `generate_batch`) to record, per engine step, each
+packed request's last prompt token (`grun_fast.continuous_batching`). `disable_adapters` switches adapters off
+for a block; `save_adapter` writes one to disk.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from grun_fast import continuous_batching
 from grun_fast.adapters import adapter_metadata, load_tensors, read_adapter_for, write_adapter
 from grun_fast.architectures import locate
 from grun_fast.config import GRUNConfig
 from grun_fast.errors import GRUNError
 from grun_fast.module import GatedLoReFT
-from grun_fast.positions import EditSpec, Forward, forward_record, input_shape, prompt_spec, select
+from grun_fast.positions import EditSpec, Forward, PackedStep, forward_record, input_shape, prompt_spec, select
 
 DEFAULT_NAME = "default"
 _STATE_ATTR = "_grun_state"
@@ -39,6 +42,7 @@ class _State:
     forward: Forward | None = None
     override: EditSpec | None = None      # from edit_at
     generation: EditSpec | None = None    # the running generate call's prompt ends
+    packed: PackedStep | None = None      # continuous batching: the prepared step's last prompt tokens
     disabled: frozenset = frozenset()     # adapter names switched off by disable_adapters
     own_methods: dict = field(default_factory=dict)  # instance attributes the wrapped methods had before, if any
 
@@ -225,7 +229,8 @@ def _state(model: nn.Module) -> _State:
 
 def _backbone_pre_hook(state: _State):
     def hook(module, args, kwargs):
-        state.forward = forward = forward_record(kwargs)
+        paged = continuous_batching.is_paged(kwargs)
+        state.forward = forward = forward_record(kwargs, paged, state.packed if paged else None)
         shape = input_shape(args, kwargs)
         if shape is not None:  # work out (and check) every adapter's tokens before any layer runs
             spec = state.spec
@@ -237,43 +242,34 @@ def _backbone_pre_hook(state: _State):
     return hook
 
 
-# transformers' continuous batching packs requests into one row over a paged cache; the edit positions of
-# last_prompt / mask adapters are not recorded there yet, so these entry points refuse them (never silently
-# serve the unpatched model).
-_CONTINUOUS_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+# Every continuous-batching entry point (generate_batch, continuous_batching_context_manager, transformers
+# serve) makes its manager through this one method.
+_WRAPPED = ("generate", "init_continuous_batching")
 
 
 def _wrap_generate(model: nn.Module, state: _State) -> None:
     """`model.generate` records each row's last prompt token before it decodes (the edit positions of every
-    forward it runs: prefill, chunked prefill, use_cache=False steps); continuous batching checks first."""
-    for attr in ("generate", *_CONTINUOUS_BATCHING):
+    forward it runs: prefill, chunked prefill, use_cache=False steps); `init_continuous_batching` hooks the
+    manager so that each engine step records its packed requests' last prompt tokens."""
+    for attr in _WRAPPED:
         original = getattr(model, attr, None)
         if original is None:
             continue
         if attr in model.__dict__:
             state.own_methods[attr] = model.__dict__[attr]
-        wrap = _generate_wrapper if attr == "generate" else _continuous_batching_wrapper
-        setattr(model, attr, functools.wraps(original)(wrap(state, original, attr)))
+        if attr == "generate":
+            wrapped = _generate_wrapper(state, original, attr)
+        else:
+            wrapped = continuous_batching.wrap_init(lambda: getattr(model, _STATE_ATTR, None), original)
+        setattr(model, attr, functools.wraps(original)(wrapped))
 
 
 def _restore_generate(model: nn.Module, state: _State) -> None:
-    for attr in ("generate", *_CONTINUOUS_BATCHING):
+    for attr in _WRAPPED:
         if attr in state.own_methods:
             setattr(model, attr, state.own_methods[attr])
         else:
             model.__dict__.pop(attr, None)
-
-
-def _continuous_batching_wrapper(state: _State, original, attr: str):
-    def call(*args, **kwargs):
-        edited = [n for n, c in state.configs.items() if n not in state.disabled and c.positions != "all"]
-        if edited:
-            raise GRUNError(f"adapter {edited[0]!r} edits the last prompt token, which {attr}() (continuous "
-                            "batching over a paged cache) does not record yet: it would serve the model as if "
-                            "unpatched. Use model.generate, or an adapter with positions='all'")
-        return original(*args, **kwargs)
-
-    return call
 
 
 def _generate_wrapper(state: _State, original, attr: str):

@@ -14,12 +14,20 @@ attention mask. The tokens to edit come from the first of these that applies:
 3. Otherwise a forward that starts a sequence is its own prompt: its last non-padding token per row.
    A forward that continues a KV cache is not edited.
 
+Under transformers' continuous batching (`generate_batch`, `init_continuous_batching`) a forward packs a slice of
+every scheduled request (a prefill chunk or one decode token) into one row over a paged KV cache, and neither 1-3
+apply: the engine's input preparation records each request's (tokens cached, tokens in this step, prompt length)
+and `packed_step` turns that into the row's columns holding a last prompt token (`grun_fast.continuous_batching`
+does the recording). Each request's last prompt token is edited once, in the step that processes it (again
+if the engine evicts the request and prefills it anew). `edit_at` does not reach packed requests: a GRUNError.
+
 `all` adapters edit every token of every forward; `mask` adapters edit only where 1 or 2 says, and raise
 a `GRUNError` when neither does (they used to do nothing without a word).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -65,17 +73,36 @@ class EditSpec:
         return cls("mask", mask.to(torch.bool), relative)
 
 
+@dataclass(frozen=True)
+class PackedStep:
+    """One continuous-batching forward: the columns of its packed row that hold a request's last prompt token,
+    and the row's length as the engine prepared it (checked against the forward, never guessed)."""
+
+    ends: tuple[int, ...]
+    tokens: int
+
+
 @dataclass
 class Forward:
-    """What the current forward of the backbone looks like, and the selections worked out for it."""
+    """What the current forward of the backbone looks like, and the selections worked out for it. `paged`: a
+    continuous-batching forward (one packed row over a paged cache), whose edits come from `packed` only."""
 
     start: int
     attention_mask: torch.Tensor | None
     selections: dict = field(default_factory=dict)
+    paged: bool = False
+    packed: PackedStep | None = None
 
 
-def forward_record(kwargs: dict) -> Forward:
-    """The record of one backbone forward, from its keyword arguments (before it runs)."""
+def forward_record(kwargs: dict, paged: bool = False, packed: PackedStep | None = None) -> Forward:
+    """The record of one backbone forward, from its keyword arguments (before it runs); `paged` forwards carry
+    the engine's `packed` record instead of a cache length and mask."""
+    if paged:
+        if packed is None:
+            raise GRUNError("a continuous-batching forward ran without its requests' prompt ends: the manager was "
+                            "made before grun_fast.patch (or without model.init_continuous_batching). Make it after "
+                            "patching: model.generate_batch(...) / model.init_continuous_batching(...)")
+        return Forward(start=0, attention_mask=None, paged=True, packed=packed)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
@@ -111,6 +138,8 @@ def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch:
     layer runs)."""
     if mode == "all":
         return ("all", None)
+    if forward.paged:
+        return _packed(forward, spec, mode, name, batch, length, device)
     key = "spec" if spec is not None else mode
     if key not in forward.selections:
         if spec is None and mode == "mask" and forward.start == 0:
@@ -123,6 +152,44 @@ def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch:
         else:
             forward.selections[key] = _from_spec(forward, spec, batch, length, device, generating)
     return forward.selections[key]
+
+
+def packed_step(slices: Iterable[tuple[int, int, int]], tokens: int) -> PackedStep:
+    """The record of one continuous-batching forward from its requests' slices, in packing order: (tokens of
+    the request already in its cache, its tokens in this forward, its prompt length). A prompt's last token is
+    in the slice that covers column prompt_length - 1: the whole prefill or the chunk that ends the prompt;
+    earlier chunks and decode steps hold none."""
+    ends, offset = [], 0
+    for cached, count, prompt in slices:
+        last = prompt - 1
+        if cached <= last < cached + count:
+            ends.append(offset + last - cached)
+        offset += count
+    if offset > tokens:
+        raise GRUNError(f"continuous batching packed {offset} tokens into a {tokens}-token step")
+    return PackedStep(tuple(ends), tokens)
+
+
+def _packed(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch: int, length: int,
+            device: torch.device) -> Selection | None:
+    if spec is not None and spec.source == "edit_at":
+        raise GRUNError("edit_at names tokens of each row, and continuous batching packs requests into one row: "
+                        "use model.generate inside edit_at")
+    if mode == "mask":
+        raise GRUNError(f"adapter {name!r} has positions='mask': continuous batching gives it no tokens to edit "
+                        "(edit_at cannot name tokens of packed requests). Use model.generate inside edit_at, or an "
+                        "adapter trained with positions='last_prompt'")
+    if "packed" not in forward.selections:
+        step = forward.packed
+        if batch != 1 or length != step.tokens:
+            raise GRUNError(f"continuous batching prepared a [1, {step.tokens}] step but the forward has batch "
+                            f"{batch}, length {length}")
+        mask = None
+        if step.ends:
+            mask = torch.zeros(1, length, dtype=torch.bool)
+            mask[0, list(step.ends)] = True
+        forward.selections["packed"] = None if mask is None else ("mask", mask.to(device))
+    return forward.selections["packed"]
 
 
 def _last_token(forward: Forward, batch: int, length: int, device: torch.device) -> Selection:

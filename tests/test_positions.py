@@ -209,12 +209,22 @@ def test_evaluate_reports_no_gates_for_switched_off_adapters(llama):
         assert grun_fast.adapter_names(llama, enabled_only=True) == ["b"]
 
 
-def test_continuous_batching_refuses_adapters_it_would_skip(llama):
-    """generate_batch used to serve a last_prompt adapter as if unpatched; until it is supported it says so."""
-    grun_fast.patch(llama, GRUNConfig(layers=[1]))
-    with pytest.raises(GRUNError, match="generate_batch.*continuous"):
-        llama.generate_batch([[5, 9, 14]])
-    with pytest.raises(GRUNError, match="init_continuous_batching"):
-        llama.init_continuous_batching()
-    grun_fast.unpatch(llama)
-    assert "generate_batch" not in vars(llama) and "init_continuous_batching" not in vars(llama)
+def test_packed_step_edits_each_prompt_end_in_the_slice_that_holds_it():
+    """Continuous batching packs each request's slice of a step into one row: (tokens cached, tokens in the step,
+    prompt length). The prompt's last token is edited in the slice covering it: a whole prefill or the chunk that
+    ends the prompt; earlier chunks and decode tokens are not. (generate_batch itself: test_continuous_batching.)"""
+    step = grun_fast.positions.packed_step([(0, 3, 3), (0, 4, 9), (4, 5, 9), (7, 1, 5), (2, 2, 3)], tokens=16)
+    # whole prompt; first chunk; chunk ending the prompt; decode; re-prefill of prompt + generated (evicted)
+    assert step.ends == (2, 11, 13) and step.tokens == 16
+    with pytest.raises(GRUNError, match="packed 15 tokens into a 8-token step"):
+        grun_fast.positions.packed_step([(0, 15, 15)], tokens=8)
+    forward = grun_fast.positions.Forward(0, None, paged=True, packed=step)
+    kind, mask = grun_fast.positions.select(forward, None, "last_prompt", "a", 1, 16, torch.device("cpu"), False)
+    assert kind == "mask" and mask.nonzero()[:, 1].tolist() == [2, 11, 13]
+    with pytest.raises(GRUNError, match="positions='mask': continuous batching"):
+        grun_fast.positions.select(forward, None, "mask", "m", 1, 16, torch.device("cpu"), False)
+    edit_at = grun_fast.positions.EditSpec.from_positions(torch.tensor([3]))
+    with pytest.raises(GRUNError, match="edit_at.*continuous batching packs"):
+        grun_fast.positions.select(forward, edit_at, "last_prompt", "b", 1, 16, torch.device("cpu"), False)
+    with pytest.raises(GRUNError, match="made before grun_fast.patch"):
+        grun_fast.positions.forward_record({}, paged=True, packed=None)
