@@ -314,7 +314,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CHECK_CASES = [  # rows, d, r, rows-mask, threshold, deterministic, gate (few: each new case compiles kernels)
-    (1, 4096, 4, False, False, False, "linear"),
+    (1, 4096, 4, False, False, False, "linear"),  # <= 16 rows: the split-d forward
+    (16, 3584, 7, True, True, False, "logit"),
     (257, 4096, 4, True, False, True, "linear"),
     (4096, 4096, 4, False, True, False, "linear"),
     (100, 123, 7, True, False, False, "logit"),

@@ -4,6 +4,7 @@
 #      the MLP-gate variant, deterministic mode bitwise, torch.compile fullgraph);
 #   2. copy bandwidth, then the kernel benchmark (triton / torch / reference / compile; fwd and fwd+bwd;
 #      rows 1..16384, d 4096, r 4, bf16) with the fraction of the bandwidth roofline reached and peak memory;
+#   2b. time per call at decode sizes with calls queued back to back (bench/bench_host.py --device cuda);
 #   3. a short sweep of Triton block sizes at 16384 rows (to tune kernels/gated_loreft.py defaults);
 #   4. the benchmark suite's op and serving groups (python -m bench: d 4096/3584/2048, generate on Llama shapes
 #      up to 8B with random weights, batch 1/8/32) and its report, so RESULTS.md gets the GPU's table
@@ -44,6 +45,10 @@ timeout 130 $PY bench/bench_kernels.py --check || { echo "CHECK FAILED (rc=$?)";
 echo; echo "== 2. bandwidth roofline and benchmark (bf16, d=4096, r=4)"
 timeout 110 $PY bench/bench_kernels.py --bandwidth --repeats 25 --csv "$CSV" \
     --providers triton triton-det torch reference compile || { echo "BENCH FAILED (rc=$?)"; status=1; }
+
+echo; echo "== 2b. time per call at 1 and 16 rows, calls queued (host-bound there: targets 20 us inference, 60 us training)"
+timeout 40 $PY bench/bench_host.py --device cuda --samples 9 --calls 200 --csv "$CSV" \
+    || echo "host-time bench incomplete (rc=$?)"
 
 echo; echo "== 3. block-size sweep (rows=16384)"
 timeout 35 $PY bench/bench_kernels.py --sweep --rows 16384 --repeats 15 --providers triton \

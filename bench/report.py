@@ -119,7 +119,24 @@ def op_section(rows: list[dict]) -> str:
              "us per call)\n\n")
     text += table(["device", "mode", "d", "r", "rows", "grun_fast us", "re-orth per call us",
                    "ratio (per-run p20, p80)", "target >= 100x"], mlines)
-    return text
+    return text + host_section(rows)
+
+
+def host_section(rows: list[dict]) -> str:
+    """bench_host.py: Python-side time per call with the Triton launches stubbed out."""
+    lines = []
+    for r in rows:
+        if r["op"] == "host_time":
+            target = num(note_value(r, "target_us"))
+            lines.append([r["device"], r["dtype"], r["d"], r["r"], r["mode"], r["rows"], r["config"], spread(r),
+                          f"<= {fmt(target)}" if target == target else "-",
+                          target_mark(num(r["median"]) <= target, target == target), note_value(r, "load")])
+    return ("\n### Host time per call, Triton launches stubbed (bench/bench_host.py; us, median [p20, p80])\n\n"
+            "CPU-side work around the kernels (validation, fold, allocation, dispatch, autograd). Measured on a "
+            "CPU with the launches replaced by a no-op: GPU host time adds the CUDA allocator and Triton's "
+            "launcher and needs a GPU.\n\n"
+            + table(["device", "dtype", "d", "r", "call", "rows", "clock", "us", "target", "on this CPU", "load"],
+                    lines))
 
 
 def target_mark(ok: bool, applies: bool = True) -> str:

@@ -49,13 +49,18 @@ def fold(rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate_
     """Fold the parameters for compute dtype `dtype` (differentiable); `gate_weight=None` folds the LoReFT
     part only (the gate logit is computed elsewhere)."""
     pt = parameter_dtype(dtype)
-    rot = rotation.to(pt)
-    rows = [weight.to(pt) - rot]
-    biases = [bias.to(pt).reshape(-1)]
+    rot = _as(rotation, pt)
+    matrix = _as(weight, pt) - rot
+    biases = [_as(bias, pt).reshape(-1)]
     if gate_weight is not None:
-        rows.append(gate_weight.to(pt).reshape(1, -1))
-        biases.append(gate_bias.to(pt).reshape(1))
-    return Folded(rot.contiguous(), torch.cat(rows).contiguous(), torch.cat(biases).contiguous())
+        matrix = torch.cat([matrix, _as(gate_weight, pt).reshape(1, -1)])
+        biases.append(_as(gate_bias, pt).reshape(1))
+    return Folded(rot.contiguous(), matrix.contiguous(), torch.cat(biases))  # cat: a copy, never the parameter
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, skipping the `.to` call when it already is (host time: this runs on every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def check_inputs(h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
@@ -284,6 +289,6 @@ def triton_available() -> bool:
 
 
 def _kernels():
-    from grun_fast.kernels import gated_loreft as kernels
+    from grun_fast.kernels import ops
 
-    return kernels
+    return ops

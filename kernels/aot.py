@@ -136,8 +136,8 @@ def compile_backward(rows: int, d: int, r: int, dtype: torch.dtype = torch.bfloa
     dgate = torch.empty(rows, device="meta")
     dh = torch.empty_like(h)
     dlogit = torch.empty(rows, device="meta") if gate_logit else None
-    _, args, consts, warps, _, _ = K._bwd_launch(h, torch.empty_like(h), dgate, ag, rot, bias, logit, mask,
-                                                 0.5 if threshold else None, deterministic, dh, dlogit)
+    _, args, consts, warps, _ = K._bwd_launch(h, torch.empty_like(h), dgate, ag, rot, bias, logit, mask,
+                                           0.5 if threshold else None, deterministic, dh, dlogit)
     return _compiled("bwd", K._bwd_kernel, args, consts, warps, arch, dtype)
 
 

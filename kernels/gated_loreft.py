@@ -20,7 +20,7 @@ One forward launch: each program owns BLOCK_M rows; pass 1 walks d reading `h` o
 writes `out`. At most SPLIT_D_MAX_ROWS rows (decode) take the split-d forward of `split_d.py` instead: two
 launches whose programs each own a range of d, so up to 32 SMs share a few-row call. One backward launch:
 the same two passes over `h` and `dout` per row block, writing `dh` in pass 2 and accumulating the fp32
-weight-gradient partials [dp | da]^T h and (s p)^T y: atomically into one buffer (default) or, with
+weight-gradient partials [dp | da]^T h and (s p)^T y - dp^T h (= dR): atomically into one buffer (default) or, with
 deterministic=True, into one buffer per program (each program owns a fixed contiguous range of row
 blocks), summed afterwards by torch in a fixed order.
 
@@ -29,12 +29,13 @@ them in the Triton interpreter, whenever triton was first imported. `grun_fast.f
 inputs, folds the parameters and decides when the kernels run (fp32/bf16/fp16 up to rank 127, CUDA or
 CPU under TRITON_INTERPRET=1); everything else takes its PyTorch path, the only other implementation.
 
-Entry points: `forward_folded` (inference on parameters folded once), and `gated_loreft_triton` /
-`gated_loreft_logit_triton` (linear / given-logit gate), differentiable custom ops
-(`torch.library.custom_op`) that trace under `torch.compile` without graph breaks.
+This module holds the kernels and their raw launchers (`forward_2d`, `backward_2d`: 2-D inputs, folded
+parameters, no autograd). The entry points (`forward_folded`, the differentiable `gated_loreft_triton` /
+`gated_loreft_logit_triton`, the custom ops torch.compile sees) live in ops.py.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -152,7 +153,7 @@ def _bwd_kernel(
     DETERMINISTIC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per row block: recompute [p | a] and q = y R^T (pass 1), then dh = y + [dp | da] @ [A; w_g] and the
-    partials [dp | da]^T h = [dA; dw_g], (s p)^T y, sum [dp | da] = [db; dc] (pass 2)."""
+    partials [dp | da]^T h = [dA; dw_g], (s p)^T y - dp^T h = dR, sum [dp | da] = [db; dc] (pass 2)."""
     pid = tl.program_id(0)
     # contiguous range of row blocks owned by this program (never empty: n_progs <= n_blocks)
     blk_start = (pid * n_blocks) // n_progs
@@ -164,7 +165,7 @@ def _bwd_kernel(
         n_ag = r + 1
     ag_mask = offs_k < n_ag
     rot_mask = offs_k < r
-    # workspace per program (one shared by all with atomics): [G1 = [dA; dw_g] : n_ag*d][G2 : r*d], [db; dc : RP]
+    # workspace per program (one shared by all with atomics): [G1 = [dA; dw_g] : n_ag*d][G2 = dR : r*d], [db; dc : RP]
     g2_off = n_ag * d
     if DETERMINISTIC:
         ws = ws_ptr + pid.to(tl.int64) * ((n_ag + r) * d)
@@ -232,7 +233,7 @@ def _bwd_kernel(
         dpa_t = tl.trans(dpa)
         sp_t = tl.trans(sp)
 
-        # pass 2: dh = y + [dp | da] @ [A; w_g];  G1 += [dp | da]^T h,  G2 += (s p)^T y
+        # pass 2: dh = y + [dp | da] @ [A; w_g];  G1 += [dp | da]^T h,  G2 += (s p)^T y - dp^T h
         # (last tile first: the tiles pass 1 read most recently are the likeliest to be still in L2)
         n_tiles = (d + BLOCK_D - 1) // BLOCK_D
         for t in range(0, n_tiles):
@@ -248,7 +249,7 @@ def _bwd_kernel(
             dh = y + tl.dot(dpa, ag, input_precision=PREC)
             tl.store(dh_rows + offs_d[None, :] * stride_dd, dh.to(dh_ptr.dtype.element_ty), mask=ld_mask)
             g1 = tl.dot(dpa_t, h, input_precision=PREC)
-            g2 = tl.dot(sp_t, y, input_precision=PREC)
+            g2 = tl.dot(sp_t, y, input_precision=PREC) - g1  # dR partial: (s p)^T y - dp^T h (rows < r stored)
             if DETERMINISTIC:
                 g1 += tl.load(ws + w_offs, mask=g1_mask & not_first[:, None], other=0.0)
                 g2 += tl.load(ws + g2_off + w_offs, mask=g2_mask & not_first[:, None], other=0.0)
@@ -296,9 +297,10 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(max(1, x)))
+    return max(lo, split_d.next_pow2(max(1, x)))
 
 
+@functools.lru_cache(maxsize=None)
 def _rank_pad(n_ag: int) -> int:
     """Columns of the [BLOCK_M, RP] accumulators: r (+1 for the gate), padded to a power of two >= 16
     (tl.dot needs every dimension >= 16)."""
@@ -311,16 +313,23 @@ def _precision(h: torch.Tensor) -> str:
     in fp32 whatever is asked."""
     if not h.is_cuda:
         return "ieee"
-    if torch.cuda.get_device_capability(h.device)[0] < 8:
+    if _capability_major(h.device.index) < 8:
         return "ieee"
     return "tf32x3" if h.dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: Optional[int]) -> int:
+    """Compute capability of a CUDA device (looked up once: torch's query costs microseconds per call)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.lru_cache(maxsize=1024)  # pure; memoised because it runs on every call (host time)
 def _tile_d(d: int, rp: int, widest: int, warps: int, per_thread: int) -> int:
     """BLOCK_D: at most `widest`, and small enough that an [RP, BLOCK_D] fp32 weight tile stays within
     `per_thread` registers per thread (wide ranks get narrow d tiles instead of spilling)."""
     budget = max(16, per_thread * 32 * warps // rp)
-    return max(16, min(widest, _pow2_at_least(d, 16), triton.next_power_of_2(budget + 1) // 2))
+    return max(16, min(widest, _pow2_at_least(d, 16), split_d.next_pow2(budget + 1) // 2))
 
 
 def _fwd_config(n: int, d: int, rp: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -359,7 +368,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _flat_rows(h: torch.Tensor) -> torch.Tensor:
     """h as a 2-D [n, d] tensor: a view when the leading dims flatten to one stride, else a copy."""
-    return h.reshape(-1, h.shape[-1])
+    return h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,7 +393,7 @@ def _fwd_launch(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace):
         GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
         PREC=_precision(h),
     )
-    return (triton.cdiv(n, block_m),), args, consts, warps
+    return (split_d.cdiv(n, block_m),), args, consts, warps
 
 
 def forward_2d(
@@ -443,28 +452,28 @@ def _split_launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace
 
 
 def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, deterministic, dh, dlogit):
-    """(grid, positional args, constexpr kwargs, num_warps, workspace, vector workspace) of one backward."""
+    """(grid, positional args, constexpr kwargs, num_warps, workspace) of one backward. The workspace is one
+    fp32 buffer (one allocation, one zero-fill): `programs` partials [G1; G2] of n_ws, then `programs`
+    vectors [db; dc] of RP."""
     n, d = h.shape
     r = rot.shape[0]
     gate_logit = logit is not None
     rp = _rank_pad(r + (0 if gate_logit else 1))
     dev = h.device
     block_m, block_d, warps = _bwd_config(n, d, rp, h.dtype)
-    n_blocks = triton.cdiv(n, block_m)
-    n_ws = (2 * r + (0 if gate_logit else 1)) * d  # [dA; dw_g] and (s p)^T y rows, fp32
+    n_blocks = split_d.cdiv(n, block_m)
+    n_ws = (2 * r + (0 if gate_logit else 1)) * d  # [dA; dw_g] and dR rows, fp32
     if deterministic:
         per_prog = (n_ws + rp) * 4
         n_progs = max(1, min(n_blocks, 2 * _num_sms(dev), DETERMINISTIC_WORKSPACE_BYTES // per_prog))
-        ws = torch.empty((n_progs, n_ws), dtype=torch.float32, device=dev)
-        wsv = torch.empty((n_progs, rp), dtype=torch.float32, device=dev)
+        ws = torch.empty((n_progs * (n_ws + rp),), dtype=torch.float32, device=dev)
     else:
         n_progs = n_blocks
-        ws = torch.zeros((1, n_ws), dtype=torch.float32, device=dev)
-        wsv = torch.zeros((1, rp), dtype=torch.float32, device=dev)
+        ws = torch.zeros((n_ws + rp,), dtype=torch.float32, device=dev)
     args = (
         h, dout, dgate if dgate is not None else bias, dh, dlogit if gate_logit else bias,
         ag, rot, bias, logit if gate_logit else bias, rows if rows is not None else bias,
-        ws, wsv,
+        ws, ws[(n_progs if deterministic else 1) * n_ws:],
         n, d, r, n_blocks, n_progs,
         h.stride(0), h.stride(1), dout.stride(0), dout.stride(1), dh.stride(0), dh.stride(1),
         float(threshold) if threshold is not None else 0.0,
@@ -474,7 +483,7 @@ def _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold, determini
         GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None,
         HAS_DGATE=dgate is not None, DETERMINISTIC=deterministic, PREC=_precision(h),
     )
-    return (n_progs,), args, consts, warps, ws, wsv
+    return (n_progs,), args, consts, warps, ws
 
 
 def backward_2d(
@@ -489,10 +498,13 @@ def backward_2d(
     threshold: Optional[float],
     deterministic: bool = False,
     dh: Optional[torch.Tensor] = None,
+    alias_ok: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Launch the backward kernel; returns {dh (h.dtype), dA (= dW), dR, db, dwg, dc, dlogit} (fp32).
 
-    dA is d/dA of A = W - R: dW = dA and dR = (s p)^T y - dA. `dgate` [n] fp32 is the gate output's gradient.
+    dA is d/dA of A = W - R: dW = dA and dR = (s p)^T y - dA (accumulated as such by the kernel). `dgate` [n]
+    fp32 is the gate output's gradient. dA, dR, db, dwg and dc are views of one workspace (disjoint parts) when `alias_ok`, else copies (a custom op
+    must not return outputs that alias each other).
     """
     n, d = h.shape
     r = rot.shape[0]
@@ -500,182 +512,35 @@ def backward_2d(
     if dh is None:
         dh = torch.empty((n, d), dtype=h.dtype, device=h.device)
     dlogit = torch.empty((n,), dtype=torch.float32, device=h.device) if gate_logit else None
-    grid, args, consts, warps, ws, wsv = _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold,
-                                                     deterministic, dh, dlogit)
+    grid, args, consts, warps, ws = _bwd_launch(h, dout, dgate, ag, rot, bias, logit, rows, threshold,
+                                                deterministic, dh, dlogit)
+    n_progs = grid[0] if deterministic else 1
     if n > 0:
         _kernel("bwd", _interpreting(h))[grid](*args, **consts, num_warps=warps)
     else:
         ws.zero_()
-        wsv.zero_()
     n_ag = r + (0 if gate_logit else 1)
-    ws_sum = ws.sum(0) if ws.shape[0] > 1 else ws[0]  # fixed-order reduction over programs
-    dv = wsv.sum(0) if wsv.shape[0] > 1 else wsv[0]
-    g1 = ws_sum[: n_ag * d].view(n_ag, d)
-    g2 = ws_sum[n_ag * d:].view(r, d)
-    d_a = g1[:r]
-    # clones: the results are views of one workspace and must not alias each other (custom-op rule)
-    return {
-        "dh": dh,
-        "dA": d_a.clone(),
-        "dR": g2[:r] - d_a,
-        "db": dv[:r].clone(),
-        "dwg": None if gate_logit else g1[r].clone(),
-        "dc": None if gate_logit else dv[r].clone(),
-        "dlogit": dlogit,
-    }
+    n_ws = (n_ag + r) * d
+    rp = consts["RP"]
+    if n_progs > 1:  # fixed-order reduction over programs
+        ws = torch.cat([ws[: n_progs * n_ws].view(n_progs, n_ws).sum(0), ws[n_progs * n_ws:].view(n_progs, rp).sum(0)])
+    # [dA | dw_g | dR | db | dc | padding] in one call (views; each separate slice costs host time)
+    sizes = [r * d, r * d, r, rp - r] if gate_logit else [r * d, d, r * d, r, 1, rp - n_ag]
+    parts = ws.split_with_sizes(sizes)
+    d_a = parts[0].view(r, d)
+    keep = (lambda t: t) if alias_ok else torch.clone
+    if gate_logit:
+        d_r, db, dwg, dc = parts[1], parts[2], None, None
+    else:
+        d_r, db, dwg, dc = parts[2], parts[3], keep(parts[1]), keep(parts[4])
+    return {"dh": dh, "dA": keep(d_a), "dR": keep(d_r.view(r, d)), "db": keep(db), "dwg": dwg, "dc": dc,
+            "dlogit": dlogit}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Entry points. Inputs are validated by grun_fast.functional (the op's one validation), which also decides
-# that the kernels apply (fp32/bf16/fp16, rank <= 127, CUDA or the interpreter).
-# ----------------------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    """The differentiable entry points moved to ops.py; `gated_loreft.gated_loreft_triton` etc. still work."""
+    if name in ("forward_folded", "gated_loreft_triton", "gated_loreft_logit_triton"):
+        from grun_fast.kernels import ops
 
-
-def _fold(rotation, weight, bias, gate_weight, gate_bias):
-    from grun_fast.functional import fold
-
-    with torch.no_grad():
-        return fold(rotation, weight, bias, gate_weight, gate_bias, torch.float32)
-
-
-def _prep(h, rows, logit):
-    logit2 = None if logit is None else logit.reshape(-1).to(torch.float32).contiguous()
-    rows2 = None if rows is None else rows.reshape(-1).contiguous().view(torch.int8)  # bool -> int8, no copy
-    return _flat_rows(h), logit2, rows2
-
-
-def forward_folded(h: torch.Tensor, folded, logit: Optional[torch.Tensor], rows: Optional[torch.Tensor],
-                   threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference: one forward launch on parameters folded once (`grun_fast.functional.Folded`, fp32)."""
-    h2, logit2, rows2 = _prep(h, rows, logit)
-    out, gate = forward_2d(h2, folded.matrix, folded.rotation, folded.bias, logit2, rows2, threshold)
-    return out.reshape(h.shape), gate.reshape(h.shape[:-1])
-
-
-def _fwd_impl(h, rotation, weight, bias, wg, c, logit, rows, threshold):
-    folded = _fold(rotation, weight, bias, wg, c)
-    return forward_folded(h, folded, logit, rows, threshold)
-
-
-def _bwd_impl(dout, dgate, h, rotation, weight, bias, wg, c, logit, rows, threshold, deterministic):
-    folded = _fold(rotation, weight, bias, wg, c)
-    h2, logit2, rows2 = _prep(h, rows, logit)
-    y2 = _flat_rows(dout)
-    g2 = None if dgate is None else dgate.reshape(-1).to(torch.float32).contiguous()
-    g = backward_2d(h2, y2, g2, folded.matrix, folded.rotation, folded.bias, logit2, rows2, threshold,
-                    deterministic)
-    return (
-        g["dh"].reshape(h.shape),
-        g["dR"].to(rotation.dtype),
-        g["dA"].to(weight.dtype),
-        g["db"].to(bias.dtype).reshape(bias.shape),
-        g,
-    )
-
-
-@torch.library.custom_op("grun_fast::gated_loreft_fwd", mutates_args=())
-def _op_fwd(
-    h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    gate_weight: torch.Tensor, gate_bias: torch.Tensor, rows: Optional[torch.Tensor],
-    gate_threshold: Optional[float], deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(h, rotation, weight, bias, gate_weight, gate_bias, None, rows, gate_threshold)
-
-
-@torch.library.custom_op("grun_fast::gated_loreft_bwd", mutates_args=())
-def _op_bwd(
-    dout: torch.Tensor, dgate: Optional[torch.Tensor], h: torch.Tensor, rotation: torch.Tensor,
-    weight: torch.Tensor, bias: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, d_rot, d_w, d_b, g = _bwd_impl(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, None,
-                                       rows, gate_threshold, deterministic)
-    d_wg = g["dwg"].to(gate_weight.dtype).reshape(gate_weight.shape)
-    d_c = g["dc"].to(gate_bias.dtype).reshape(gate_bias.shape)
-    return dh, d_rot, d_w, d_b, d_wg, d_c
-
-
-@torch.library.custom_op("grun_fast::gated_loreft_logit_fwd", mutates_args=())
-def _op_logit_fwd(
-    h: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate_logit: torch.Tensor,
-    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(h, rotation, weight, bias, None, None, gate_logit, rows, gate_threshold)
-
-
-@torch.library.custom_op("grun_fast::gated_loreft_logit_bwd", mutates_args=())
-def _op_logit_bwd(
-    dout: torch.Tensor, dgate: Optional[torch.Tensor], h: torch.Tensor, rotation: torch.Tensor,
-    weight: torch.Tensor, bias: torch.Tensor, gate_logit: torch.Tensor,
-    rows: Optional[torch.Tensor], gate_threshold: Optional[float], deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, d_rot, d_w, d_b, g = _bwd_impl(dout, dgate, h, rotation, weight, bias, None, None, gate_logit, rows,
-                                       gate_threshold, deterministic)
-    d_logit = g["dlogit"].to(gate_logit.dtype).reshape(gate_logit.shape)
-    return dh, d_rot, d_w, d_b, d_logit
-
-
-def _fake_out(h):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1], dtype=torch.float32)
-
-
-@_op_fwd.register_fake
-def _(h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, deterministic):
-    return _fake_out(h)
-
-
-@_op_logit_fwd.register_fake
-def _(h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
-    return _fake_out(h)
-
-
-@_op_bwd.register_fake
-def _(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, deterministic):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(rotation),
-            torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gate_weight),
-            torch.empty_like(gate_bias))
-
-
-@_op_logit_bwd.register_fake
-def _(dout, dgate, h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(rotation),
-            torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gate_logit))
-
-
-def _setup_context(ctx, inputs, output):
-    *tensors, rows, threshold, deterministic = inputs
-    ctx.save_for_backward(*tensors, rows)
-    ctx.threshold = threshold
-    ctx.deterministic = deterministic
-
-
-def _backward_linear(ctx, dout, dgate):
-    h, rotation, weight, bias, gate_weight, gate_bias, rows = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(h)
-    grads = _op_bwd(dout, dgate, h, rotation, weight, bias, gate_weight, gate_bias, rows, ctx.threshold,
-                    ctx.deterministic)
-    return (*grads, None, None, None)
-
-
-def _backward_logit(ctx, dout, dgate):
-    h, rotation, weight, bias, gate_logit, rows = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(h)
-    grads = _op_logit_bwd(dout, dgate, h, rotation, weight, bias, gate_logit, rows, ctx.threshold,
-                          ctx.deterministic)
-    return (*grads, None, None, None)
-
-
-_op_fwd.register_autograd(_backward_linear, setup_context=_setup_context)
-_op_logit_fwd.register_autograd(_backward_logit, setup_context=_setup_context)
-
-
-def gated_loreft_triton(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, deterministic):
-    """The differentiable custom op, linear gate (inputs validated by `grun_fast.functional.gated_loreft`)."""
-    return _op_fwd(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, bool(deterministic))
-
-
-def gated_loreft_logit_triton(h, rotation, weight, bias, gate_logit, rows, threshold, deterministic):
-    """The differentiable custom op, given gate logit (inputs validated by `functional.gated_loreft_logit`)."""
-    return _op_logit_fwd(h, rotation, weight, bias, gate_logit, rows, threshold, bool(deterministic))
+        return getattr(ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,10 +26,10 @@ interpreter runs them for CPU tensors.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 import triton.language as tl
 
 _sum_combine = tl.standard._sum_combine
@@ -139,6 +139,17 @@ def _split_apply_kernel(
 KERNEL_FNS = {"split_partial": _split_partial_kernel, "split_apply": _split_apply_kernel}
 
 
+# Plain-Python integer helpers for the launchers: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions that cost ~4 us a call on the host (argument unwrapping), about 9 calls per forward.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1), as triton.next_power_of_2."""
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
 class SplitPlan(NamedTuple):
     """Tiles of the split forward: BLOCK_D columns per step, `span` columns (a multiple) per program."""
 
@@ -147,6 +158,7 @@ class SplitPlan(NamedTuple):
     n_ranges: int
 
 
+@functools.lru_cache(maxsize=1024)  # pure; memoised because it runs on every few-row call (host time)
 def plan(d: int, rp: int, tile_cap: int, block_d: Optional[int] = None) -> Optional[SplitPlan]:
     """How d splits for accumulator width `rp`, or None when it would be one range (nothing to split).
 
@@ -154,11 +166,11 @@ def plan(d: int, rp: int, tile_cap: int, block_d: Optional[int] = None) -> Optio
     WS_TILE_ELEMS; the tile is the power of two (>= 16, <= `tile_cap`, the register budget) nearest above
     the range width, and a range is a whole number of tiles."""
     max_ranges = max(1, min(MAX_RANGES, WS_TILE_ELEMS // (BLOCK_M * rp)))
-    want = triton.cdiv(d, max_ranges)
+    want = cdiv(d, max_ranges)
     if block_d is None:
-        block_d = min(tile_cap, max(16, triton.next_power_of_2(want)))
-    span = block_d * triton.cdiv(want, block_d)
-    n_ranges = triton.cdiv(d, span)
+        block_d = min(tile_cap, max(16, next_pow2(want)))
+    span = block_d * cdiv(want, block_d)
+    n_ranges = cdiv(d, span)
     return None if n_ranges < 2 else SplitPlan(block_d, span, n_ranges)
 
 
@@ -168,7 +180,7 @@ def launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace, split
     n, d = h.shape
     r = rot.shape[0]
     gate_logit = logit is not None
-    row_blocks = triton.cdiv(n, BLOCK_M)
+    row_blocks = cdiv(n, BLOCK_M)
     grid = (row_blocks, split.n_ranges)
     ws = torch.empty((split.n_ranges, row_blocks * BLOCK_M, rp), dtype=torch.float32, device=h.device)
     partial = (
@@ -179,7 +191,7 @@ def launches(h, ag, rot, bias, logit, rows, threshold, out, gate, inplace, split
         (h, out, gate, ws, rot, bias, logit if gate_logit else bias, rows if rows is not None else bias,
          n, d, r, split.span, split.n_ranges, h.stride(0), h.stride(1), out.stride(0), out.stride(1),
          float(threshold) if threshold is not None else 0.0),
-        dict(BLOCK_M=BLOCK_M, BLOCK_D=split.block_d, RP=rp, NR=triton.next_power_of_2(split.n_ranges),
+        dict(BLOCK_M=BLOCK_M, BLOCK_D=split.block_d, RP=rp, NR=next_pow2(split.n_ranges),
              GATE_LOGIT=gate_logit, HAS_ROWS=rows is not None, HAS_THRESH=threshold is not None, INPLACE=inplace,
              PREC=prec),
     )
