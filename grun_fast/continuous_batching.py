@@ -17,18 +17,23 @@ result carries the message) instead of serving the unpatched model:
 - A manager made before `patch` (its steps carry no record).
 Prefix sharing (`allow_block_sharing`) is switched off for managers of a patched model: the engine keys cached
 blocks by token ids alone, while a block holding (or following) an edited token differs with the adapters.
+
+Per-request adapters: `route(manager, request_id, names)` before `manager.add_request(..., request_id=...)` makes
+only adapters `names` apply to that request (an empty list: the base model), in the same steps as requests with
+other adapters; `release` forgets it once the request is done. Requests without a route get every enabled adapter.
 Tied to transformers 5.24's engine internals (`check_engine` names what it reads).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from grun_fast.errors import GRUNError
 from grun_fast.positions import packed_step
 
 StateOf = Callable[[], Any]  # the model's patch state (grun_fast.patching._State), or None once unpatched
 _MARK = "_grun_wrapped"
+_ROUTES = "_grun_routes"  # request id -> the adapter names it chose (grun-fast serve's per-request stacks)
 
 
 @functools.cache
@@ -142,16 +147,48 @@ def _attach(manager: Any, state_of: StateOf) -> None:
 
         def create_batch_processor():
             processor = create()
-            _attach_processor(processor, state_of)
+            _attach_processor(processor, state_of, getattr(manager, _ROUTES))
             return processor
 
         manager._create_batch_processor = create_batch_processor
+        manager._grun_state_of = state_of
+        setattr(manager, _ROUTES, {})
         setattr(manager, _MARK, True)
     if getattr(manager, "batch_processor", None) is not None:
-        _attach_processor(manager.batch_processor, state_of)
+        _attach_processor(manager.batch_processor, state_of, getattr(manager, _ROUTES))
 
 
-def _attach_processor(processor: Any, state_of: StateOf) -> None:
+def route(manager: Any, request_id: str, names: Iterable[str]) -> None:
+    """Apply only adapters `names` (in patch order; none: the base model) to the manager's request `request_id`:
+    call before `manager.add_request(..., request_id=request_id)`, and `release` it when the request is done."""
+    routes = getattr(manager, _ROUTES, None)
+    if routes is None:
+        raise GRUNError("this continuous batching manager was not made by a patched model's "
+                        "init_continuous_batching: it cannot choose adapters per request")
+    state = manager._grun_state_of()
+    chosen = frozenset(names)
+    if state is None:
+        raise GRUNError("the model has no GRUN adapter patched in any more")
+    state.check_names(sorted(chosen))
+    routes[request_id] = chosen
+
+
+def release(manager: Any, request_id: str) -> None:
+    """Forget the adapters chosen for a finished (or cancelled) request."""
+    getattr(manager, _ROUTES, {}).pop(request_id, None)
+
+
+def _route_of(routes: dict, request_id: Any) -> frozenset[str] | None:
+    """The adapters a packed request chose; a forked child (`id__child#n`) follows its parent."""
+    if not routes or not isinstance(request_id, str):
+        return None
+    chosen = routes.get(request_id)
+    if chosen is None and "__child#" in request_id:
+        chosen = routes.get(request_id.split("__child#")[0])
+    return chosen
+
+
+def _attach_processor(processor: Any, state_of: StateOf, routes: dict) -> None:
     cache = processor.cache
     cache.allow_block_sharing = False  # no cached block computed under other adapters (or none) is reused
     cache.use_prefix_sharing = False
@@ -175,8 +212,9 @@ def _attach_processor(processor: Any, state_of: StateOf) -> None:
         requests = kwargs["requests_in_batch"] if "requests_in_batch" in kwargs else args[0]
         tokens = kwargs["num_q_tokens"] if "num_q_tokens" in kwargs else args[3]
         slices = [(r.state.position_offset, r.query_length, prompt_length(r.state)) for r in requests]
+        chosen = [_route_of(routes, r.state.request_id) for r in requests] if routes else None
         result = original(*args, **kwargs)  # advances each request's position_offset: read before
-        state.packed = packed_step(slices, tokens)
+        state.packed = packed_step(slices, tokens, chosen)
         return result
 
     io.prepare_batch_tensors = prepare_batch_tensors

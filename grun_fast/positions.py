@@ -20,6 +20,9 @@ apply: the engine's input preparation records each request's (tokens cached, tok
 and `packed_step` turns that into the row's columns holding a last prompt token (`grun_fast.continuous_batching`
 does the recording). Each request's last prompt token is edited once, in the step that processes it (again
 if the engine evicts the request and prefills it anew). `edit_at` does not reach packed requests: a GRUNError.
+A packed request may name the adapters that apply to it (`grun-fast serve`'s per-request adapter stacks): an
+adapter then edits only the columns of the requests that named it (`last_prompt`: their prompt ends; `all`:
+every column of theirs), so requests with different stacks share one step.
 
 `all` adapters edit every token of every forward; `mask` adapters edit only where 1 or 2 says, and raise
 a `GRUNError` when neither does (they used to do nothing without a word).
@@ -27,7 +30,7 @@ a `GRUNError` when neither does (they used to do nothing without a word).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -74,12 +77,26 @@ class EditSpec:
 
 
 @dataclass(frozen=True)
+class PackedRequest:
+    """One request's slice of a packed row: its columns [start, start + count), the column of its last prompt
+    token if this slice holds it, and the adapters it named (None: every enabled adapter)."""
+
+    start: int
+    count: int
+    end: int | None
+    adapters: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
 class PackedStep:
     """One continuous-batching forward: the columns of its packed row that hold a request's last prompt token,
-    and the row's length as the engine prepared it (checked against the forward, never guessed)."""
+    the row's length as the engine prepared it (checked against the forward, never guessed) and each request's
+    slice (`routed`: some request named its adapters)."""
 
     ends: tuple[int, ...]
     tokens: int
+    requests: tuple[PackedRequest, ...] = ()
+    routed: bool = False
 
 
 @dataclass
@@ -136,10 +153,10 @@ def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch:
     """The tokens adapter `name` (positions `mode`) edits in this forward of `batch` rows of `length` tokens,
     or None. Worked out once per forward (the backbone's pre-hook asks first, so errors come before any
     layer runs)."""
-    if mode == "all":
-        return ("all", None)
     if forward.paged:
         return _packed(forward, spec, mode, name, batch, length, device)
+    if mode == "all":
+        return ("all", None)
     key = "spec" if spec is not None else mode
     if key not in forward.selections:
         if spec is None and mode == "mask" and forward.start == 0:
@@ -154,42 +171,65 @@ def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch:
     return forward.selections[key]
 
 
-def packed_step(slices: Iterable[tuple[int, int, int]], tokens: int) -> PackedStep:
+def packed_step(slices: Iterable[tuple[int, int, int]], tokens: int,
+                adapters: Sequence[frozenset[str] | None] | None = None) -> PackedStep:
     """The record of one continuous-batching forward from its requests' slices, in packing order: (tokens of
     the request already in its cache, its tokens in this forward, its prompt length). A prompt's last token is
     in the slice that covers column prompt_length - 1: the whole prefill or the chunk that ends the prompt;
-    earlier chunks and decode steps hold none."""
-    ends, offset = [], 0
-    for cached, count, prompt in slices:
+    earlier chunks and decode steps hold none. `adapters`: per slice, the adapter names its request selected
+    (None: every enabled adapter)."""
+    slices = list(slices)
+    adapters = [None] * len(slices) if adapters is None else list(adapters)
+    if len(adapters) != len(slices):
+        raise GRUNError(f"{len(adapters)} adapter selections for {len(slices)} packed requests")
+    ends, requests, offset = [], [], 0
+    for (cached, count, prompt), chosen in zip(slices, adapters):
         last = prompt - 1
-        if cached <= last < cached + count:
-            ends.append(offset + last - cached)
+        end = offset + last - cached if cached <= last < cached + count else None
+        if end is not None:
+            ends.append(end)
+        requests.append(PackedRequest(offset, count, end, None if chosen is None else frozenset(chosen)))
         offset += count
     if offset > tokens:
         raise GRUNError(f"continuous batching packed {offset} tokens into a {tokens}-token step")
-    return PackedStep(tuple(ends), tokens)
+    return PackedStep(tuple(ends), tokens, tuple(requests), any(a is not None for a in adapters))
 
 
 def _packed(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch: int, length: int,
             device: torch.device) -> Selection | None:
-    if spec is not None and spec.source == "edit_at":
-        raise GRUNError("edit_at names tokens of each row, and continuous batching packs requests into one row: "
-                        "use model.generate inside edit_at")
-    if mode == "mask":
-        raise GRUNError(f"adapter {name!r} has positions='mask': continuous batching gives it no tokens to edit "
-                        "(edit_at cannot name tokens of packed requests). Use model.generate inside edit_at, or an "
-                        "adapter trained with positions='last_prompt'")
-    if "packed" not in forward.selections:
-        step = forward.packed
-        if batch != 1 or length != step.tokens:
-            raise GRUNError(f"continuous batching prepared a [1, {step.tokens}] step but the forward has batch "
-                            f"{batch}, length {length}")
-        mask = None
-        if step.ends:
-            mask = torch.zeros(1, length, dtype=torch.bool)
-            mask[0, list(step.ends)] = True
-        forward.selections["packed"] = None if mask is None else ("mask", mask.to(device))
-    return forward.selections["packed"]
+    step = forward.packed
+    if batch != 1 or length != step.tokens:
+        raise GRUNError(f"continuous batching prepared a [1, {step.tokens}] step but the forward has batch "
+                        f"{batch}, length {length}")
+    if mode != "all":
+        if spec is not None and spec.source == "edit_at":
+            raise GRUNError("edit_at names tokens of each row, and continuous batching packs requests into one row: "
+                            "use model.generate inside edit_at")
+        if mode == "mask":
+            raise GRUNError(f"adapter {name!r} has positions='mask': continuous batching gives it no tokens to edit "
+                            "(edit_at cannot name tokens of packed requests). Use model.generate inside edit_at, or "
+                            "an adapter trained with positions='last_prompt'")
+    key = ("packed", mode, name if step.routed else None)
+    if key not in forward.selections:
+        forward.selections[key] = _packed_columns(step, mode, name, length, device)
+    return forward.selections[key]
+
+
+def _packed_columns(step: PackedStep, mode: str, name: str, length: int, device: torch.device) -> Selection | None:
+    """The columns adapter `name` edits in a packed step: those of the requests that selected it (every request
+    when none names its adapters)."""
+    chosen = [r for r in step.requests if r.adapters is None or name in r.adapters]
+    if mode == "all":
+        if len(chosen) == len(step.requests):
+            return ("all", None)
+        columns = [c for r in chosen for c in range(r.start, r.start + r.count)]
+    else:
+        columns = [r.end for r in chosen if r.end is not None] if step.requests else list(step.ends)
+    if not columns:
+        return None
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    mask[0, columns] = True
+    return ("mask", mask.to(device))
 
 
 def _last_token(forward: Forward, batch: int, length: int, device: torch.device) -> Selection:

@@ -214,3 +214,36 @@ def test_a_manager_made_before_patching_fails_loudly(llama):
     finally:
         manager.stop(block=True, timeout=10)
     assert result is not None and "made before grun_fast.patch" in (result.error or "")
+
+
+def test_per_request_adapters_in_one_batch(llama):
+    """route(manager, id, names) applies only those adapters to that request, in the same steps as requests with
+    other stacks (base, one adapter, both): each gets the tokens generate gives with just its adapters on."""
+    from grun_fast.continuous_batching import release, route
+
+    patch_open(llama, "last_prompt", [1], name="forget")
+    patch_open(llama, "all", [2], name="style", scale=1.0, seed=4)
+    stacks = [(), ("forget",), ("style",), ("forget", "style"), (), ("forget",)]
+    want = []
+    for prompt, stack in zip(PROMPTS, stacks):
+        with grun_fast.disable_adapters(llama, [n for n in ("forget", "style") if n not in stack]):
+            want.append(one_by_one(llama, [prompt])[0])
+    assert len({tuple(w) for w in want[:4]}) == 4  # every stack changes the tokens of its prompt
+    manager = llama.init_continuous_batching(generation_config=GREEDY, continuous_batching_config=engine())
+    with pytest.raises(GRUNError, match="no adapter named 'nope'"):
+        route(manager, "x", ["nope"])
+    manager.start()
+    try:
+        for i, (prompt, stack) in enumerate(zip(PROMPTS, stacks)):
+            route(manager, f"r{i}", stack)
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=NEW, eos_token_id=-1)
+        got = {}
+        while len(got) < len(PROMPTS):
+            result = manager.get_result(timeout=30)
+            assert result is not None and result.error is None
+            got[result.request_id] = result.generated_tokens
+            release(manager, result.request_id)
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
+    assert manager._grun_routes == {}

@@ -228,3 +228,29 @@ def test_packed_step_edits_each_prompt_end_in_the_slice_that_holds_it():
         grun_fast.positions.select(forward, edit_at, "last_prompt", "b", 1, 16, torch.device("cpu"), False)
     with pytest.raises(GRUNError, match="made before grun_fast.patch"):
         grun_fast.positions.forward_record({}, paged=True, packed=None)
+
+
+def test_packed_step_with_per_request_adapters_edits_only_the_requests_that_chose_them():
+    """Request 0 (whole prompt) chose 'a', request 1 (a decode token) chose nothing, request 2 (the chunk ending its
+    prompt) left the choice to the model (None: every adapter)."""
+    step = grun_fast.positions.packed_step([(0, 3, 3), (7, 1, 5), (4, 5, 9)], tokens=10,
+                                           adapters=[{"a"}, set(), None])
+    assert step.routed and step.ends == (2, 8)
+    forward = grun_fast.positions.Forward(0, None, paged=True, packed=step)
+    cpu = torch.device("cpu")
+
+    def columns(mode, name):
+        selection = grun_fast.positions.select(forward, None, mode, name, 1, 10, cpu, False)
+        return None if selection is None else selection[1].nonzero()[:, 1].tolist()
+
+    assert columns("last_prompt", "a") == [2, 8] and columns("last_prompt", "b") == [8]
+    assert columns("all", "a") == [0, 1, 2, 4, 5, 6, 7, 8] and columns("all", "b") == [4, 5, 6, 7, 8]
+    whole = grun_fast.positions.packed_step([(0, 3, 3), (7, 1, 5)], tokens=4, adapters=[None, None])
+    assert not whole.routed
+    assert grun_fast.positions.select(grun_fast.positions.Forward(0, None, paged=True, packed=whole), None, "all",
+                                      "a", 1, 4, cpu, False) == ("all", None)
+    only_base = grun_fast.positions.packed_step([(7, 1, 5)], tokens=1, adapters=[set()])
+    assert grun_fast.positions.select(grun_fast.positions.Forward(0, None, paged=True, packed=only_base), None,
+                                      "all", "a", 1, 1, cpu, False) is None
+    with pytest.raises(GRUNError, match="2 adapter selections for 1 packed requests"):
+        grun_fast.positions.packed_step([(0, 3, 3)], tokens=3, adapters=[None, None])
