@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10"],
+        "serve": ["transformers[serving]>=5.24"],  # grun-fast serve: fastapi, uvicorn, openai, pydantic
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10",
+                "transformers[serving]>=5.24"],
     },
     entry_points={"console_scripts": ["grun-fast=grun_fast.cli:main"]},
 )

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "unlearn": ("grun_fast.unlearn.command", "train a GRUN adapter (gated GD, NPO, IDK or RMU)"),
     "eval": ("grun_fast.evaluation.command", "evaluate a model (+ adapter) with the TOFU protocol"),
     "compare": ("grun_fast.evaluation.compare", "one table and plot over several evaluation outputs"),
+    "serve": ("grun_fast.serve", "serve a model with adapters over an OpenAI-compatible API (per-request adapters)"),
     "bench": ("grun_fast.bench_command", "run the benchmark suite and write CSV, plots and a table"),
 }
 
