@@ -169,6 +169,11 @@ def route(manager: Any, request_id: str, names: Iterable[str]) -> None:
     chosen = frozenset(names)
     if state is None:
         raise GRUNError("the model has no GRUN adapter patched in any more")
+    replayed = _replayed(manager.continuous_batching_config)
+    if replayed:
+        raise GRUNError(f"per-request adapters are picked per step in Python, which steps run under {replayed} do "
+                        "not rerun. Make the manager with ContinuousBatchingConfig(use_cuda_graph=False, "
+                        "default_compile_level=0) and no compile config")
     state.check_names(sorted(chosen))
     routes[request_id] = chosen
 

@@ -247,3 +247,15 @@ def test_per_request_adapters_in_one_batch(llama):
         manager.stop(block=True, timeout=10)
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
     assert manager._grun_routes == {}
+
+
+def test_per_request_adapters_are_refused_under_compiled_steps(llama):
+    """An `all` adapter may run under compiled steps, but not chosen per request: a replayed step keeps the
+    columns it was captured with."""
+    from grun_fast.continuous_batching import route
+
+    patch_open(llama, "all", [1])
+    manager = llama.init_continuous_batching(generation_config=GREEDY,
+                                             continuous_batching_config=engine(default_compile_level=1))
+    with pytest.raises(GRUNError, match="per-request adapters.*torch.compile"):
+        route(manager, "r", [])
