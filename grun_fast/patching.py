@@ -134,15 +134,25 @@ def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT_NAME,
-                 prompt_format: str | None = None) -> Path:
+                 prompt_format: str | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter `name` of `model` to folder `path` (created; existing files replaced atomically);
-    `prompt_format`: the prompt format it was trained with, recorded in adapter_config.json."""
+    `prompt_format`: the prompt format it was trained with, recorded in adapter_config.json; `tensors`: the
+    adapter's tensors if already gathered (`adapter_tensors`; under FSDP every process gathers, one writes)."""
     config = adapter_config(model, name)
+    tensors = adapter_tensors(model, name) if tensors is None else tensors
+    return write_adapter(path, adapter_metadata(model, config, prompt_format), tensors)
+
+
+def adapter_tensors(model: nn.Module, name: str = DEFAULT_NAME) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes (fp32, whole). Parameters sharded by FSDP (DTensors) are gathered:
+    a collective, so every process of the group must call this."""
     tensors = {}
     for index, module in adapter_modules(model, name).items():
         for key, value in module.state_dict().items():
+            if hasattr(value, "full_tensor"):  # a torch.distributed DTensor shard
+                value = value.full_tensor()
             tensors[f"layers.{index}.{key}"] = value.detach().float()
-    return write_adapter(path, adapter_metadata(model, config, prompt_format), tensors)
+    return tensors
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = DEFAULT_NAME) -> None:

@@ -1,4 +1,6 @@
-"""GRUN training on the Hugging Face ``Trainer`` (so accelerate / torchrun DDP work unchanged).
+"""GRUN training on the Hugging Face ``Trainer`` (so accelerate / torchrun DDP work unchanged, and FSDP through
+accelerate's plugin: ``configs/accelerate_fsdp.yaml``; under FSDP the adapter is gathered from its shards to
+be saved, and only it and the sharded optimizer state go into checkpoints).
 
 One optimiser step = ``batch_size`` forget rows, each paired with a retain row, run as ONE forward of the
 frozen model with the adapter editing each row's last prompt token. Only the adapter's parameters train;
@@ -38,10 +40,11 @@ from grun_fast.data.loading import validate_rows
 from grun_fast.data.prompts import format_variants, resolve_template, row_prompt
 from grun_fast.data.refusals import with_refusals
 from grun_fast.errors import GRUNError
-from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, disable_adapters, edit_at,
-                                load_adapter_weights, patch, save_adapter, unpatch)
+from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, adapter_tensors, disable_adapters,
+                                edit_at, load_adapter_weights, patch, save_adapter, unpatch)
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
+from grun_fast.unlearn.fsdp import FSDPAdapterMixin, placed_like
 from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
                                       npo_loss, retain_loss_from_nll, simnpo_loss, rmu_control_vector, rmu_forget_loss,
                                       rmu_retain_loss, total_loss)
@@ -128,8 +131,9 @@ def reference_nll(model: nn.Module, examples: Sequence[Mapping[str, Any]], pad_t
 
 
 # ----------------------------------------------------------------------------------------------- trainer
-class GRUNTrainer(Trainer):
-    """``Trainer`` with the GRUN objective; checkpoints hold only the adapter (plus optimiser state)."""
+class GRUNTrainer(FSDPAdapterMixin, Trainer):
+    """``Trainer`` with the GRUN objective; checkpoints hold only the adapter (plus optimiser state). FSDP's
+    saving and loading of the adapter: ``grun_fast.unlearn.fsdp``."""
 
     def __init__(self, *args: Any, grun_model: nn.Module, grun_config: UnlearnConfig,
                  reference: torch.Tensor | None = None, pad_token_id: int = 0, prompt_format: str | None = None,
@@ -313,11 +317,12 @@ class GRUNTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- checkpoints: the adapter only (a checkpoint folder is itself a loadable adapter)
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None, adapter: dict | None = None) -> None:
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        save_adapter(self.grun_model, output_dir, self.grun_config.adapter_name, prompt_format=self.prompt_format)
+        save_adapter(self.grun_model, output_dir, self.grun_config.adapter_name, prompt_format=self.prompt_format,
+                     tensors=adapter)
         _write_text(Path(output_dir) / CONFIG_NAME, self.grun_config.to_json())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -326,6 +331,8 @@ class GRUNTrainer(Trainer):
         if sorted(config.layers) != sorted(ours) or config.rank != next(iter(ours.values())).rank:
             raise GRUNError(f"checkpoint {resume_from_checkpoint} holds an adapter for layers {config.layers}, "
                             f"rank {config.rank}; this run trains layers {sorted(ours)}")
+        if self.is_fsdp_enabled:  # the parameters are FSDP shards: place the saved tensors like them
+            tensors = placed_like(ours, tensors)
         load_adapter_weights(self.grun_model, tensors, self.grun_config.adapter_name)
 
 
@@ -452,7 +459,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     The model trains on the Trainer's device (the first GPU, else the CPU) and stays there afterwards, with its
     train/eval flags as before. Bad input raises ``GRUNError`` before anything is touched; on any failure
     during training the new adapter is removed again and the model is left as it was, back on its original
-    device(s) (checkpoints already written stay).
+    device(s) (checkpoints already written stay). Under FSDP (``accelerate launch --config_file
+    configs/accelerate_fsdp.yaml``) the model comes back sharded, as the Trainer left it.
     """
     if config is None:
         config = UnlearnConfig(method=method, layers=list(layers) if layers is not None else None, **overrides)
@@ -569,8 +577,10 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
+        # FSDP: every process gathers the sharded adapter (a collective); one writes it
+        gathered = adapter_tensors(model, config.adapter_name) if out is not None and trainer.is_fsdp_enabled else None
         if out is not None and trainer.args.should_save:
-            save_adapter(model, out, config.adapter_name, prompt_format=prompt_format)
+            save_adapter(model, out, config.adapter_name, prompt_format=prompt_format, tensors=gathered)
             _write_text(out / CONFIG_NAME, config.to_json())
             _write_text(out / LOG_NAME, json.dumps(trainer.state.log_history, indent=1) + "\n")
         trainer.accelerator.wait_for_everyone()
