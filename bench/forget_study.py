@@ -45,10 +45,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/all": {"method": "npo", "positions": "all"},
     "simnpo/all": {"method": "simnpo", "positions": "all"},
     "idk/all": {"method": "idk", "positions": "all"},
-    "npo/linear": {"method": "npo", "gate": "linear"},
-    "npo/rank16": {"method": "npo", "rank": 16},
-    "npo/layers1-5": {"method": "npo", "layers": [1, 2, 3, 4, 5]},
-    "npo/3xsteps": {"method": "npo", "steps_factor": 3},
+    # around the first point that moved forget quality (npo/all): gate, deployment threshold, rank, layers, steps
+    "npo/all/t0.5": {"method": "npo", "positions": "all", "gate_threshold": 0.5},
+    "npo/all/linear": {"method": "npo", "positions": "all", "gate": "linear"},
+    "npo/all/rank16": {"method": "npo", "positions": "all", "rank": 16},
+    "npo/all/layers1-5": {"method": "npo", "positions": "all", "layers": [1, 2, 3, 4, 5]},
+    "npo/all/3xsteps": {"method": "npo", "positions": "all", "steps_factor": 3},
 }
 
 
@@ -104,11 +106,15 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
 
     overrides = dict(SETTINGS[name])
     factor = overrides.pop("steps_factor", 1)
+    threshold = overrides.pop("gate_threshold", None)
     method = overrides.pop("method")
     base, rows = pipe["base"], pipe["rows"]
     result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], method=method, seed=seed,
                      max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
     try:
+        if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited
+            for module in patching.adapter_modules(base, "study").values():
+                module.gate_threshold = threshold
         ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
     finally:
         patching.unpatch(base, "study")

@@ -151,6 +151,35 @@ def test_restore_placement_puts_each_tensor_back():
     assert moved == [torch.device("cpu")]
 
 
+def test_all_positions_supervise_forget_gates_from_the_prompt_end(data, monkeypatch):
+    """positions="all": the gate term is BCE of forget rows' gates from the last prompt token on (-> 1) and of
+    retain rows' gates at every real token (-> 0); the earlier forget prompt tokens are not supervised."""
+    forget, retain = data
+    model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+    pairs = []
+    real = trainer_module.GRUNTrainer.compute_loss
+
+    def spy(self, model_, inputs, *args, **kwargs):
+        nf = int(inputs["n_forget"])
+        before = self._sums.get("gate_loss", 0.0)     # the trainer adds each step's gate term to its log sums
+        loss = real(self, model_, inputs, *args, **kwargs)
+        mask, pos = inputs["attention_mask"].bool(), inputs["edit_pos"]
+        cols = torch.arange(mask.shape[1])[None]
+        span = mask[:nf] & (cols >= pos[:nf, None])
+        assert (mask[:nf] & ~span).any()             # there are unsupervised forget prompt tokens
+        gates = [m.last_gate.detach() for m in grun_fast.adapter_modules(self.grun_model).values()]
+        g = torch.cat([x[:nf][span] for x in gates] + [x[nf:][mask[nf:]] for x in gates]).float()
+        n_forget = int(span.sum()) * len(gates)
+        target = torch.cat([torch.ones(n_forget), torch.zeros(len(g) - n_forget)])
+        pairs.append((self._sums["gate_loss"] - before, float(F.binary_cross_entropy(g, target))))
+        return loss
+    monkeypatch.setattr(trainer_module.GRUNTrainer, "compute_loss", spy)
+    unlearn(model, tok, forget, retain, method="gd", layers=[1, 3], positions="all", max_steps=2, **FAST)
+    assert len(pairs) == 2
+    for got, want in pairs:
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def _row_nll(logits, labels):
     """Per-row summed NLL and token count with plain torch."""
     lg, lb = logits[:, :-1].float(), labels[:, 1:]

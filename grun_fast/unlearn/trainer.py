@@ -253,8 +253,13 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
                                       prefix_cache=self.prefix_cache if single else None, call=model)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
-        if cfg.positions == "all":  # gates per token: supervise every real token
-            gf = [g[:nf][mask[:nf].bool()] for g in gates]
+        if cfg.positions == "all":
+            # Gates per token. Forget rows: from the last prompt token on (the earlier prompt tokens, "Question:"
+            # and the like, are shared with retain rows and cannot know yet what the row is about; pushing them
+            # to 1 taught the gate a bias that opened it on retain questions: tiny TOFU forget01, NPO, 150 steps,
+            # retain gate 0.18, retain ROUGE-L 0.914 -> 0.782). Retain rows: every real token -> 0.
+            span = answer_span_mask(mask[:nf], inputs["edit_pos"][:nf])
+            gf = [g[:nf][span] for g in gates]
             gr = [g[nf:][mask[nf:].bool()] for g in gates]
         else:
             gf, gr = [g[:nf] for g in gates], [g[nf:] for g in gates]
