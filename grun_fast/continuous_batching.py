@@ -216,8 +216,13 @@ def _attach_processor(processor: Any, state_of: StateOf, routes: dict) -> None:
             raise GRUNError(problem)
         requests = kwargs["requests_in_batch"] if "requests_in_batch" in kwargs else args[0]
         tokens = kwargs["num_q_tokens"] if "num_q_tokens" in kwargs else args[3]
-        slices = [(r.state.position_offset, r.query_length, prompt_length(r.state)) for r in requests]
-        chosen = [_route_of(routes, r.state.request_id) for r in requests] if routes else None
+        routed = bool(routes)  # read once: the server thread adds routes while this runs
+        slices, chosen = [], [] if routed else None
+        for request in requests:
+            request_state = request.state
+            slices.append((request_state.position_offset, request.query_length, prompt_length(request_state)))
+            if routed:
+                chosen.append(_route_of(routes, request_state.request_id))
         result = original(*args, **kwargs)  # advances each request's position_offset: read before
         state.packed = packed_step(slices, tokens, chosen)
         return result

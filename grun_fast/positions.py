@@ -30,7 +30,7 @@ a `GRUNError` when neither does (they used to do nothing without a word).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -76,10 +76,10 @@ class EditSpec:
         return cls("mask", mask.to(torch.bool), relative)
 
 
-@dataclass(frozen=True)
-class PackedRequest:
+class PackedRequest(NamedTuple):
     """One request's slice of a packed row: its columns [start, start + count), the column of its last prompt
-    token if this slice holds it, and the adapters it named (None: every enabled adapter)."""
+    token if this slice holds it, and the adapters it named (None: every enabled adapter). A NamedTuple: one is
+    made per request per engine step."""
 
     start: int
     count: int
@@ -179,7 +179,7 @@ def packed_step(slices: Iterable[tuple[int, int, int]], tokens: int,
     earlier chunks and decode steps hold none. `adapters`: per slice, the adapter names its request selected
     (None: every enabled adapter)."""
     slices = list(slices)
-    adapters = [None] * len(slices) if adapters is None else list(adapters)
+    adapters = [None] * len(slices) if adapters is None else [None if a is None else frozenset(a) for a in adapters]
     if len(adapters) != len(slices):
         raise GRUNError(f"{len(adapters)} adapter selections for {len(slices)} packed requests")
     ends, requests, offset = [], [], 0
@@ -188,7 +188,7 @@ def packed_step(slices: Iterable[tuple[int, int, int]], tokens: int,
         end = offset + last - cached if cached <= last < cached + count else None
         if end is not None:
             ends.append(end)
-        requests.append(PackedRequest(offset, count, end, None if chosen is None else frozenset(chosen)))
+        requests.append(PackedRequest(offset, count, end, chosen))
         offset += count
     if offset > tokens:
         raise GRUNError(f"continuous batching packed {offset} tokens into a {tokens}-token step")

@@ -178,12 +178,21 @@ def _prompt_length(inputs: dict) -> int:
 
 
 class RoutedBatching(CBGenerateManager):
-    """One adapter stack's view of the shared continuous-batching manager: its requests are routed to the stack."""
+    """One adapter stack's view of the shared continuous-batching manager: its requests are routed to the stack
+    (`routed`: the model has adapters; a model served without any is transformers' plain path)."""
 
     _counter = itertools.count()
 
-    def __init__(self, shared: CBGenerateManager, names: tuple[str, ...], limits: Limits) -> None:
-        self.shared, self.names, self.limits = shared, names, limits
+    def __init__(self, shared: CBGenerateManager, names: tuple[str, ...], limits: Limits, routed: bool = True) -> None:
+        self.shared, self.names, self.limits, self.routed = shared, names, limits, routed
+
+    def _route(self, engine_id: str) -> None:
+        if self.routed:
+            continuous_batching.route(self._cb, engine_id, self.names)
+
+    def _release(self, engine_id: str) -> None:
+        if self.routed:
+            continuous_batching.release(self._cb, engine_id)
 
     @property
     def _cb(self) -> Any:
@@ -199,21 +208,21 @@ class RoutedBatching(CBGenerateManager):
     def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
         self.limits.apply(_prompt_length(inputs), gen_config)
         engine_id = self._engine_id(request_id)
-        continuous_batching.route(self._cb, engine_id, self.names)
+        self._route(engine_id)
         try:
             queue, streamer = self.shared.generate_streaming(model, processor, inputs, gen_config, engine_id,
                                                              response_parser)
         except BaseException:
-            continuous_batching.release(self._cb, engine_id)
+            self._release(engine_id)
             raise
         end, cancel = streamer.end, streamer.cancel
 
         def finished() -> None:
-            continuous_batching.release(self._cb, engine_id)
+            self._release(engine_id)
             end()
 
         def cancelled() -> None:  # the client went away: the engine frees the request's slot and cache
-            continuous_batching.release(self._cb, engine_id)
+            self._release(engine_id)
             cancel()
 
         streamer.end, streamer.cancel = finished, cancelled
@@ -222,14 +231,14 @@ class RoutedBatching(CBGenerateManager):
     async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
         self.limits.apply(_prompt_length(inputs), gen_config)
         engine_id = self._engine_id(request_id)
-        continuous_batching.route(self._cb, engine_id, self.names)
+        self._route(engine_id)
         try:
             return await self.shared.generate_non_streaming(model, processor, inputs, gen_config, engine_id)
         except BaseException:  # a client gone before the end: cancel, so the slot is freed
             self._cb.cancel_request(engine_id)
             raise
         finally:
-            continuous_batching.release(self._cb, engine_id)
+            self._release(engine_id)
 
     def stop(self) -> None:
         self.shared.stop()
@@ -280,7 +289,7 @@ class StackGeneration(GenerationState):
         if model_id not in self._views:
             names = self.stacks.ids[model_id]
             if use_cb:
-                self._views[model_id] = RoutedBatching(self._cb_manager, names, self.limits)
+                self._views[model_id] = RoutedBatching(self._cb_manager, names, self.limits, bool(self.stacks.adapters))
             else:
                 if self._sequential is None:
                     self._sequential = GenerateManager()

@@ -242,6 +242,25 @@ def test_without_continuous_batching_stacks_run_one_at_a_time():
     assert grun_fast.adapter_names(model, enabled_only=True) == list(NAMES)
 
 
+def test_a_model_without_adapters_is_served_as_base():
+    """No --adapter: transformers' plain continuous batching (nothing routed), under the one id `base`."""
+    tok, model = word_tokenizer(), tiny_model("llama")
+    model.generation_config.eos_token_id = 2
+    ids = tok(PROMPTS[1]).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=2, pad_token_id=0)
+    built = serve.build(model, tok, [], "tiny", engine=ENGINE)
+    built.start_engine()
+    with serve.Server(built, serve.bind("127.0.0.1", 0)).start() as server:
+        client = Client(server.url)
+        assert [m["id"] for m in client.call("/v1/models")[1]["data"]] == ["base"]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: client.call("/v1/completions", {"prompt": PROMPTS[1],
+                                                                              "max_tokens": NEW}), range(4)))
+    assert all(status == 200 and body["model"] == "base" for status, body in answers)
+    assert {b["choices"][0]["text"] for _, b in answers} == {tok.decode(out[0, len(ids):], skip_special_tokens=True)}
+
+
 # --- the command: bad input is one error line and exit status 2, before the model loads ---------------------------
 
 @pytest.fixture(scope="module")
