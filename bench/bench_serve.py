@@ -11,7 +11,7 @@ Per round: served tokens/s (completion tokens / wall time from first send to las
 of the server process (steadier on a shared machine) and each request's latency. Every answer is checked against one-by-one greedy `generate` (fp32) with the request's adapters: the same
 text (skip_special_tokens) and token count. Each round also sends malformed requests (bad JSON, unknown adapter,
 over-long prompt: each must be a 4xx) and one streaming client that leaves after its first chunk; the server must
-keep serving. Rows go to bench/results/results.csv, a summary to bench/results/serve_<model>.md.
+keep serving. Rows go to bench/results/results.csv, a summary to bench/results/serve_<model>.md ($GRUN_BENCH_OUT moves both).
 
     python bench/bench_serve.py                      # tiny (d=128, 4 layers), 30 rounds
     python bench/bench_serve.py --model 1b --rounds 2 --prompt-words 3 20 --new 4 8 --check 8 --threads 2
@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import grun_fast
-from bench.common import RESULTS, append_rows, cpu_model, load_average, now
+from bench.common import append_rows, cpu_model, load_average, now, results_dir
 from grun_fast.testing import make_tiny_tokenizer, tiny_llama
 
 SHAPES = {  # Llama shapes with the tiny tokenizer's vocabulary (random weights: timing and equality only)
@@ -303,7 +303,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> int:
     print(table)
     if not args.no_csv:
         print("appended to", append_rows(rows))
-        out = RESULTS / f"serve_{args.model}.md"
+        out = results_dir() / f"serve_{args.model}.md"
         out.write_text(f"# grun-fast serve under load: {args.model}\n\n{now()}, {device}, {load_average()}.\n\n"
                        f"{config}; {len(next(iter(results.values())))} measured rounds per workload, interleaved. "
                        "plain: the server without adapters; adapters: both adapters on every request; mixed: "
