@@ -25,7 +25,6 @@ Tied to transformers 5.24's engine internals (`check_engine` names what it reads
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable
 
 from grun_fast.errors import GRUNError
@@ -36,13 +35,17 @@ _MARK = "_grun_wrapped"
 _ROUTES = "_grun_routes"  # request id -> the adapter names it chose (grun-fast serve's per-request stacks)
 
 
-@functools.cache
+_PAGED_CLASS: list = []  # filled on first use; a plain global, which torch.compile traces (functools.cache: a warning)
+
+
 def _paged_cache_class() -> type | None:
-    try:
-        from transformers.generation.continuous_batching.cache import PagedAttentionCache
-    except ImportError:
-        return None
-    return PagedAttentionCache
+    if not _PAGED_CLASS:
+        try:
+            from transformers.generation.continuous_batching.cache import PagedAttentionCache
+        except ImportError:
+            PagedAttentionCache = None
+        _PAGED_CLASS.append(PagedAttentionCache)
+    return _PAGED_CLASS[0]
 
 
 def is_paged(kwargs: dict) -> bool:

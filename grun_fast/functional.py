@@ -250,6 +250,8 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
 
 def _forward_folded(h, folded: Folded, gate_logit, rows, threshold, backend: str):
     if backend == "triton":
+        if torch.compiler.is_compiling():  # one opaque node (decoding under torch.compile / CUDA graphs)
+            return _kernels().forward_folded_op(h, folded, gate_logit, rows, threshold)
         return _kernels().forward_folded(h, folded, gate_logit, rows, threshold)
     return _torch_forward(h, folded, gate_logit, rows, threshold)
 

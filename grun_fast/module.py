@@ -4,7 +4,9 @@ R is stored unconstrained and made orthonormal by a QR decomposition on use (sig
 smooth function). Unlike torch's Householder `orthogonal` parametrisation this cannot collapse under
 weight decay (GRUN.md section 8) and costs a [d, r] QR instead of a d x d map. In training it is
 recomputed once per forward (once per optimiser step); for inference the orthonormal R and the folded
-parameters are cached and rebuilt only when a parameter changes.
+parameters are cached and rebuilt only when a parameter changes. Under torch.compile the cached fold is read as
+is (a graph cannot check parameter versions; `patching` refolds before each generate), at fixed addresses so
+that CUDA graphs read it in place.
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ class GatedLoReFT(nn.Module):
             logit = None if self.gate_kind == "linear" else self._gate_logit(h)
             out, gate = functional.forward_folded(h, self.folded(h.dtype, h.device), gate_logit=logit, rows=rows,
                                                   gate_threshold=self.gate_threshold, impl=impl)
+            if torch.compiler.is_compiling():  # compiled inference: the gate would leave the graph on every step
+                return out, gate
         self.last_gate = gate
         return out, gate
 
@@ -104,15 +108,43 @@ class GatedLoReFT(nn.Module):
     def folded(self, dtype: torch.dtype, device: torch.device) -> functional.Folded:
         """Orthonormal R and the folded parameters for inference: the one fold cache, rebuilt when a parameter
         changes (version counter, storage or identity). Inference tensors (parameters made or replaced under
-        torch.inference_mode) carry no version counter: they are folded afresh on every call."""
+        torch.inference_mode) carry no version counter: they are folded afresh on every call. Under torch.compile
+        the cached fold is used unchecked (versions and data pointers cannot be read in a graph), else folded in
+        the graph."""
+        if torch.compiler.is_compiling():
+            cached = None if self._cache is None else self._cache[1]
+            if cached is not None and cached.matrix.dtype == functional.parameter_dtype(dtype) \
+                    and cached.matrix.device == device:
+                return cached
+            return self._fold(dtype)
         try:
             versions = tuple((id(p), p.data_ptr(), p._version) for p in self._parameter_tensors())
         except RuntimeError:  # "Inference tensors do not track version counter"
             return self._fold(dtype)
         key = (functional.parameter_dtype(dtype), device, versions)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._fold(dtype))
+            self._cache = (key, self._refold(dtype))
         return self._cache[1]
+
+    def _refold(self, dtype: torch.dtype) -> functional.Folded:
+        """A fresh fold, written into the previous one's tensors when they fit: graphs compiled (or CUDA graphs
+        captured) on them then read the new parameters without recompiling; new tensors are marked as fixed
+        addresses for them."""
+        with torch.inference_mode(False):  # ordinary tensors, so a later refold may write into them
+            fresh = self._fold(dtype)
+        old = None if self._cache is None else self._cache[1]
+        if old is not None and all(o.shape == f.shape and o.dtype == f.dtype and o.device == f.device
+                                   for o, f in zip(old, fresh)):
+            with torch.no_grad():
+                for o, f in zip(old, fresh):
+                    o.copy_(f)
+            return functional.Folded(*old)
+        if fresh.matrix.is_cuda:  # CUDA graphs would copy other inputs on every replay
+            from torch._dynamo import mark_static_address  # here, not at import time: it takes a second
+
+            for tensor in fresh:
+                mark_static_address(tensor)
+        return fresh
 
     def _parameter_tensors(self) -> list[torch.Tensor]:
         """Every parameter, read straight from the parameter dicts (`parameters()` walks the module tree, which

@@ -99,6 +99,7 @@ def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str =
     if state is None:
         state = _State(backbone, layers)
         state.handles.append(backbone.register_forward_pre_hook(_backbone_pre_hook(state), with_kwargs=True))
+        state.handles.append(backbone.register_forward_hook(_backbone_post_hook(state)))
         _wrap_generate(model, state)
         setattr(model, _STATE_ATTR, state)
         setattr(model, _MODULES_ATTR, nn.ModuleDict())
@@ -252,6 +253,15 @@ def _backbone_pre_hook(state: _State):
     return hook
 
 
+def _backbone_post_hook(state: _State):
+    def hook(module, args, output):
+        if torch.compiler.is_compiling():  # the record's tensors would leave the graph as outputs on every step
+            state.forward = None           # (eager keeps it: gradient checkpointing reruns layers after the forward)
+        return None
+
+    return hook
+
+
 # Every continuous-batching entry point (generate_batch, continuous_batching_context_manager, transformers
 # serve) makes its manager through this one method.
 _WRAPPED = ("generate", "init_continuous_batching")
@@ -268,7 +278,7 @@ def _wrap_generate(model: nn.Module, state: _State) -> None:
         if attr in model.__dict__:
             state.own_methods[attr] = model.__dict__[attr]
         if attr == "generate":
-            wrapped = _generate_wrapper(state, original, attr)
+            wrapped = _generate_wrapper(state, original, attr, model)
         else:
             wrapped = continuous_batching.wrap_init(lambda: getattr(model, _STATE_ATTR, None), original)
         setattr(model, attr, functools.wraps(original)(wrapped))
@@ -282,9 +292,10 @@ def _restore_generate(model: nn.Module, state: _State) -> None:
             model.__dict__.pop(attr, None)
 
 
-def _generate_wrapper(state: _State, original, attr: str):
+def _generate_wrapper(state: _State, original, attr: str, model: nn.Module):
     def generate(*args, **kwargs):
         modes = {n: c.positions for n, c in state.configs.items() if n not in state.disabled}
+        _refresh_folds(getattr(model, _MODULES_ATTR), modes, getattr(model, "dtype", torch.float32))
         spec = prompt_spec(args, kwargs)
         if state.override is None:
             masked = [n for n, mode in modes.items() if mode == "mask"]
@@ -303,6 +314,15 @@ def _generate_wrapper(state: _State, original, attr: str):
             state.generation = previous
 
     return generate
+
+
+def _refresh_folds(container: nn.ModuleDict, names: Iterable[str], dtype: torch.dtype) -> None:
+    """Fold the enabled adapters' parameters before decoding (`GatedLoReFT.folded`): a compiled step reads the
+    fold without checking it against the parameters, which it cannot do inside a graph."""
+    with torch.no_grad():
+        for name in names:
+            for module in container[name].values():
+                module.folded(dtype, module.weight.device)
 
 
 def _layer_hook(state: _State, container: nn.ModuleDict, index: int):
@@ -337,7 +357,8 @@ def _apply(adapter: GatedLoReFT, hidden: torch.Tensor, selection) -> torch.Tenso
         return adapter(hidden)[0]
     if kind == "mask":
         out, gate = adapter(hidden, rows=value)
-        adapter.last_gate = gate[value]
+        if not torch.compiler.is_compiling():  # boolean indexing has a data-dependent shape: a graph break
+            adapter.last_gate = gate[value]
         return out
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     edited_rows, _ = adapter(hidden[rows, value])

@@ -26,6 +26,12 @@ every column of theirs), so requests with different stacks share one step.
 
 `all` adapters edit every token of every forward; `mask` adapters edit only where 1 or 2 says, and raise
 a `GRUNError` when neither does (they used to do nothing without a word).
+
+Under torch.compile (and CUDA graph capture) with a static KV cache, the cache's length lives on the device: the
+forward's `start` is then that 0-d tensor, never read on the host (a sync would break the graph or the capture),
+and the same rules give a [B, T] mask computed on the device. generate's decode steps need not even that: once a
+forward whose start was known (the prefill) has passed every prompt end, the spec is marked `processed` and later
+forwards of the call edit nothing, so a compiled decode step of a `last_prompt` adapter holds no adapter op.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ Selection = tuple  # ("all", None) | ("index", LongTensor [B]) | ("mask", bool [
 @dataclass
 class EditSpec:
     """Explicit edit positions: per-row columns [B] or a bool mask [B, S]; `relative`: index each forward's
-    own tokens instead of the sequence's columns. `low`/`high` bound the positions (read once, on the host)."""
+    own tokens instead of the sequence's columns. `low`/`high` bound the positions (read once, on the host).
+    `processed`: a generate call's prompt ends all lie in forwards that already ran (see `_from_spec`)."""
 
     kind: str
     value: torch.Tensor
@@ -50,6 +57,7 @@ class EditSpec:
     low: int = 0
     high: int = 0
     source: str = "edit_at"
+    processed: bool = False
 
     @classmethod
     def from_positions(cls, positions: torch.Tensor, relative: bool = False, source: str = "edit_at") -> "EditSpec":
@@ -102,9 +110,10 @@ class PackedStep:
 @dataclass
 class Forward:
     """What the current forward of the backbone looks like, and the selections worked out for it. `paged`: a
-    continuous-batching forward (one packed row over a paged cache), whose edits come from `packed` only."""
+    continuous-batching forward (one packed row over a paged cache), whose edits come from `packed` only. `start`
+    is a 0-d device tensor where only the device knows it (`cached_length`)."""
 
-    start: int
+    start: int | torch.Tensor
     attention_mask: torch.Tensor | None
     selections: dict = field(default_factory=dict)
     paged: bool = False
@@ -137,15 +146,28 @@ def input_shape(args: tuple, kwargs: dict) -> tuple[int, int, torch.device] | No
     return None
 
 
-def cached_length(cache) -> int:
-    """How many columns the KV cache already holds (0 for none)."""
+def cached_length(cache) -> int | torch.Tensor:
+    """How many columns the KV cache already holds (0 for none). A static cache counts on the device: inside
+    torch.compile or a CUDA graph capture its 0-d tensor comes back as is, since reading it on the host would
+    break the graph (or the capture)."""
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
+        length = cache.get_seq_length()
+        if isinstance(length, torch.Tensor) and traced(length):
+            return length
+        return int(length)
     if isinstance(cache, (tuple, list)):  # legacy tuple cache: ((k, v), ...)
         return 0 if len(cache) == 0 or cache[0] is None else int(cache[0][0].shape[-2])
     raise GRUNError(f"cannot tell how many tokens a KV cache of type {type(cache).__name__} holds")
+
+
+def traced(tensor: torch.Tensor | None = None) -> bool:
+    """Inside torch.compile's tracing, or capturing a CUDA graph on `tensor`'s device: device values must stay
+    on the device and Python must not branch on them."""
+    if torch.compiler.is_compiling():
+        return True
+    return tensor is not None and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch: int, length: int,
@@ -159,6 +181,9 @@ def select(forward: Forward, spec: EditSpec | None, mode: str, name: str, batch:
         return ("all", None)
     key = "spec" if spec is not None else mode
     if key not in forward.selections:
+        if spec is None and isinstance(forward.start, torch.Tensor):
+            forward.selections[key] = _own_prompt_on_device(forward, mode, name, batch, length, device)
+            return forward.selections[key]
         if spec is None and mode == "mask" and forward.start == 0:
             raise GRUNError(f"adapter {name!r} has positions='mask': it edits only where grun_fast.edit_at(model, "
                             "mask=...) or positions=... says, and this forward has neither. Wrap the call in "
@@ -240,6 +265,19 @@ def _last_token(forward: Forward, batch: int, length: int, device: torch.device)
     return ("index", (mask.to(torch.long) * steps).argmax(-1).to(device))
 
 
+def _own_prompt_on_device(forward: Forward, mode: str, name: str, batch: int, length: int,
+                          device: torch.device) -> Selection:
+    """Rule 3 for a start known only on the device: the last token, where the forward starts the sequence."""
+    if mode == "mask":
+        raise GRUNError(f"adapter {name!r} has positions='mask' and this forward has no edit_at: with a static KV "
+                        "cache under torch.compile (or CUDA graph capture) whether it starts the sequence is known "
+                        "only on the device. Wrap the call in grun_fast.edit_at(model, mask=...), or use an adapter "
+                        "trained with positions='last_prompt'")
+    last = _last_token(forward, batch, length, device)[1]
+    steps = torch.arange(length, device=device)
+    return ("mask", (steps[None, :] == last[:, None]) & (forward.start.to(device) == 0))
+
+
 def _rows(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     """`value` [n, ...] for a forward of `batch` rows; generate expands each prompt to batch / n rows in a row
     (num_return_sequences, beams)."""
@@ -255,6 +293,10 @@ def _from_spec(forward: Forward, spec: EditSpec, batch: int, length: int, device
                generating: bool) -> Selection | None:
     start = 0 if spec.relative else forward.start
     what = "generate's prompt" if spec.source == "generate" else f"edit_at {spec.kind}"
+    if isinstance(start, torch.Tensor):
+        return _spec_on_device(spec, start, batch, length, device, what)
+    if spec.source == "generate" and spec.high < start + length:
+        spec.processed = True  # generate's forwards run in order: later ones start past every prompt end
     if spec.kind == "mask":
         value = _rows(spec.value, batch, what).to(device)
         if spec.relative or (forward.start == 0 and not generating):
@@ -278,6 +320,21 @@ def _from_spec(forward: Forward, spec: EditSpec, batch: int, length: int, device
         return ("index", local)
     steps = torch.arange(length, device=device)  # some rows' positions lie in another chunk
     return ("mask", steps[None, :] == local[:, None])
+
+
+def _spec_on_device(spec: EditSpec, start: torch.Tensor, batch: int, length: int, device: torch.device,
+                    what: str) -> Selection | None:
+    """`_from_spec` for a start known only on the device: a [B, T] mask of the columns the spec names, without
+    the host-side bounds checks. A processed generate spec (decode steps after the prefill) edits nothing."""
+    if spec.processed:
+        return None
+    columns = torch.arange(length, device=device) + start.to(device)
+    value = _rows(spec.value, batch, what).to(device)
+    if spec.kind == "mask":
+        width = value.shape[1]
+        inside = value.gather(1, columns.clamp(max=width - 1).expand(batch, length))
+        return ("mask", inside & (columns < width))
+    return ("mask", columns[None, :] == value[:, None])
 
 
 def prompt_spec(args: tuple, kwargs: dict) -> EditSpec | None:

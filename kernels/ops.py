@@ -11,7 +11,8 @@ kernels apply (fp32/bf16/fp16, rank <= 127, CUDA or the interpreter). Three ways
   dispatcher and autograd wrapper cost more host time than everything else in a training call.
 - Under `torch.compile`: the custom ops `grun_fast::gated_loreft_fwd/_bwd` and
   `grun_fast::gated_loreft_logit_fwd/_bwd` (`register_fake`, `register_autograd`): one opaque node per
-  call, no graph break (`fullgraph=True` works).
+  call, no graph break (`fullgraph=True` works); compiled inference on a cached fold (decoding under
+  torch.compile / CUDA graphs) goes through `grun_fast::gated_loreft_folded_fwd`.
 """
 from __future__ import annotations
 
@@ -155,6 +156,14 @@ def _op_logit_bwd(
     return (dh, *_param_grads(g, rotation, weight, bias, None, None, gate_logit))
 
 
+@torch.library.custom_op("grun_fast::gated_loreft_folded_fwd", mutates_args=())
+def _op_folded_fwd(
+    h: torch.Tensor, rotation: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor,
+    gate_logit: Optional[torch.Tensor], rows: Optional[torch.Tensor], gate_threshold: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_folded(h, Folded(rotation, matrix, bias), gate_logit, rows, gate_threshold)
+
+
 def _fake_out(h):
     return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[:-1], dtype=torch.float32)
 
@@ -166,6 +175,11 @@ def _(h, rotation, weight, bias, gate_weight, gate_bias, rows, gate_threshold, d
 
 @_op_logit_fwd.register_fake
 def _(h, rotation, weight, bias, gate_logit, rows, gate_threshold, deterministic):
+    return _fake_out(h)
+
+
+@_op_folded_fwd.register_fake
+def _(h, rotation, matrix, bias, gate_logit, rows, gate_threshold):
     return _fake_out(h)
 
 
@@ -212,6 +226,13 @@ _op_logit_fwd.register_autograd(_backward_logit, setup_context=_setup_context)
 
 
 # ---- public entry points ----------------------------------------------------------------------------------
+
+
+def forward_folded_op(h: torch.Tensor, folded, logit: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                      threshold: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_folded` as one custom op, for torch.compile: dynamo would otherwise trace the launcher's host
+    code (launch-config memo, split-d dispatch) into the graph."""
+    return _op_folded_fwd(h, folded.rotation, folded.matrix, folded.bias, logit, rows, threshold)
 
 
 def gated_loreft_triton(h, rotation, weight, bias, gate_weight, gate_bias, rows, threshold, deterministic,
