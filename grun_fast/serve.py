@@ -262,6 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(args: argparse.Namespace) -> tuple[list[tuple[str, str]], socket.socket]:
     """Every check that needs no model weights; returns the adapters (name, folder) and the bound socket."""
     require_serving()
+    from grun_fast.adapters import read_adapter
     from grun_fast.evaluation.command import _check_adapters
     from grun_fast.models import check_model
     from grun_fast.serve_models import Stacks, ServedAdapter
@@ -272,6 +273,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[tuple[str, str]], socket.soc
     check_model(args.model)
     adapters = [parse_adapter(spec) for spec in args.adapter]
     Stacks(str(args.model), [ServedAdapter(n, f) for n, f in adapters])  # names unique, not too many
+    for name, folder in adapters:
+        if read_adapter(folder)[0]["config"].positions == "mask":
+            raise GRUNError(f"adapter {name} ({folder}) has positions='mask': it edits only tokens named by "
+                            "grun_fast.edit_at, which a served request cannot name; serve a last_prompt or all adapter")
     _check_adapters(args.model, [folder for _, folder in adapters])
     return adapters, bind(args.host, args.port)
 
@@ -281,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from grun_fast.models import load_model
 
     adapters, sock = prepare(args)
+    served = None
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         for name, folder in adapters:
@@ -291,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         served.start_engine(sample=args.sample)
     except BaseException:
         sock.close()
+        if served is not None:  # an engine thread left running would keep the process alive
+            served.stop()
         raise
     server = Server(served, sock, args.log_level)
     ids = ", ".join(served.models.stacks.ids)

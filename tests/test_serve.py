@@ -271,6 +271,9 @@ def folders(tmp_path_factory):
     grun_fast.unpatch(model)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
+    grun_fast.patch(model, GRUNConfig(layers=[1], positions="mask"), name="masked")
+    grun_fast.save_adapter(model, root / "masked", name="masked")
+    grun_fast.unpatch(model)
     other = tiny_model("qwen2")
     grun_fast.patch(other, GRUNConfig(layers=[1]))
     grun_fast.save_adapter(other, root / "qwen")
@@ -297,6 +300,7 @@ def test_bad_command_lines_fail_before_loading(folders, capsys, monkeypatch):
                                                             "--adapter", forget)
     assert "adapter name 'a+b'" in serve_error(capsys, monkeypatch, "--model", model, "--adapter", f"a+b={forget}")
     assert "'base' is the id" in serve_error(capsys, monkeypatch, "--model", model, "--adapter", f"base={forget}")
+    assert "positions='mask'" in serve_error(capsys, monkeypatch, "--model", model, "--adapter", str(folders / "masked"))
     assert "no such file or folder" in serve_error(capsys, monkeypatch, "--model", "./missing", "--adapter", forget)
     with serve.bind("127.0.0.1", 0) as taken:
         port = str(taken.getsockname()[1])
