@@ -96,6 +96,7 @@ def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str =
         if tensors is not None:
             load_tensors(modules, tensors)
 
+    _guard_hooks_under_compile()
     if state is None:
         state = _State(backbone, layers)
         state.handles.append(backbone.register_forward_pre_hook(_backbone_pre_hook(state), with_kwargs=True))
@@ -110,6 +111,18 @@ def patch(model: nn.Module, config_or_path: GRUNConfig | str | Path, name: str =
             hook = _layer_hook(state, getattr(model, _MODULES_ATTR), index)
             state.layer_handles[index] = layers[index].register_forward_hook(hook, prepend=True)
     return model
+
+
+def _guard_hooks_under_compile() -> None:
+    """torch.compile does not guard on module hooks by default (torch._dynamo.config.skip_nnmodule_hook_guards):
+    a graph compiled before `patch`, or for another model of the same class, would keep running without the
+    adapters' hooks, silently. From the first patch on dynamo guards on hooks (adding or removing ours
+    recompiles), and what it compiled before, without those guards, is dropped once (torch._dynamo.reset)."""
+    import torch._dynamo  # loaded already by transformers' modelling code
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
 
 
 def unpatch(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -54,6 +54,19 @@ def generate(model, ids, mask, **kw) -> torch.Tensor:
     return out[:, ids.shape[1]:]
 
 
+def compile_config(graphs: list) -> transformers.CompileConfig:
+    """transformers' own compilation (prefill eager, decode steps compiled, as on a GPU with a static cache),
+    recording each graph into `graphs` and running it eagerly."""
+
+    def backend(graph, example_inputs):  # a function: the config deep-copies its backend
+        graphs.append(graph)
+        return graph.forward
+
+    config = transformers.CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return config
+
+
 def sigmoids(graph: torch.fx.GraphModule) -> int:
     """Adapter gates in a graph (the tiny Llama's MLP uses SiLU, not sigmoid)."""
     return sum(1 for node in graph.graph.nodes if node.op == "call_function" and "sigmoid" in str(node.target))
@@ -91,15 +104,32 @@ def test_transformers_compile_config_decodes_with_adapters():
     ids, mask = prompts("mixed")
     eager = generate(model, ids, mask)
     graphs = []
-
-    def backend(graph, example_inputs):  # a function: the config deep-copies its backend
-        graphs.append(graph)
-        return graph.forward
-
-    config = transformers.CompileConfig(backend=backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    config = compile_config(graphs)
     assert torch.equal(generate(model, ids, mask, cache_implementation="static", compile_config=config), eager)
     assert len(graphs) == 1 and sigmoids(graphs[0]) == 2  # the decode step: the `all` adapter's two layers
+
+
+def test_graphs_compiled_before_patch_do_not_run_without_the_adapters():
+    """torch.compile does not guard on module hooks by default: a decode graph compiled for an unpatched model
+    (this one before patch, or another of its class) ran on without the adapters, silently. patch turns the
+    hook guards on and drops code compiled without them; the unpatched model keeps its own tokens."""
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # dynamo's default, as in a fresh process
+        ids, mask = prompts("mixed")
+        config = compile_config([])
+        other, model = tiny_model("llama"), tiny_model("llama")
+        base = generate(other, ids, mask)
+        static = dict(cache_implementation="static", compile_config=config)
+        assert torch.equal(generate(other, ids, mask, **static), base)
+        assert torch.equal(generate(model, ids, mask, **static), base)
+        torch.manual_seed(3)
+        grun_fast.patch(model, GRUNConfig(layers=[1, 2], positions="all"))
+        strong(model)
+        eager = generate(model, ids, mask)
+        assert not torch.equal(eager, base)
+        assert torch.equal(generate(model, ids, mask, **static), eager)
+        assert torch.equal(generate(other, ids, mask, **static), base)
+        grun_fast.unpatch(model)
+        assert torch.equal(generate(model, ids, mask, **static), base)
 
 
 @pytest.mark.slow
