@@ -14,7 +14,7 @@ over-long prompt: each must be a 4xx) and one streaming client that leaves after
 keep serving. Rows go to bench/results/results.csv, a summary to bench/results/serve_<model>.md ($GRUN_BENCH_OUT moves both).
 
     python bench/bench_serve.py                      # tiny (d=128, 4 layers), 30 rounds
-    python bench/bench_serve.py --model 1b --rounds 2 --prompt-words 3 20 --new 4 8 --check 8 --threads 2
+    python bench/bench_serve.py --model 1b --rounds 2 --prompt-words 3 20 --new 4 8 --check 8 --threads 2 --kv-cache-tokens 4096
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ if _REPO not in _sys.path:  # `python bench/<script>.py` works too, not only `py
 
 import argparse
 import contextlib
+import gc
 import http.client
 import json
 import os
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=int, default=None,
                         help="check this many requests per workload against generate (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
+    parser.add_argument("--kv-cache-tokens", type=int, default=16384,
+                        help="each server's KV cache (the 1b shape holds 256 KiB per token: 4 GiB at 16384)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -231,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs |= {(j["prompt"], j["max_tokens"], STACKS[i % len(STACKS)]) for i, j in enumerate(checked)}
         want = references(model, folders, jobs)
         print(f"{len(want)} references from one-by-one generate in {time.perf_counter() - t0:.0f} s", flush=True)
-        servers = {"plain": ServerProcess(model, {}, args.threads, 16384)}
+        gc.collect()  # the reference model (patched: reference cycles) before two servers load theirs
+        servers = {"plain": ServerProcess(model, {}, args.threads, args.kv_cache_tokens)}
         try:
-            servers["adapters"] = servers["mixed"] = ServerProcess(model, folders, args.threads, 16384)
+            servers["adapters"] = servers["mixed"] = ServerProcess(model, folders, args.threads, args.kv_cache_tokens)
             print(servers["adapters"].announce, flush=True)
             limit_words = 1100  # past the 1024-position limit in any tokenisation
             results = {w: [] for w in WORKLOADS}
@@ -261,7 +265,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> int:
     device = f"cpu: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch thread(s) per server"
     config = (f"llama-{args.model} random fp32, {args.requests} concurrent requests, prompts {args.prompt_words[0]}-"
               f"{args.prompt_words[1]} words, max_tokens {args.new[0]}-{args.new[1]}, greedy, continuous batching "
-              f"(kv cache 16384 tokens, 256-token steps)")
+              f"(kv cache {args.kv_cache_tokens} tokens, 256-token steps)")
     rows, lines = [], []
     failures = 0
     for workload, rs in results.items():

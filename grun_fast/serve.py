@@ -90,7 +90,11 @@ class Served:
         self.limits.cache_tokens = int(processor.cache.num_blocks * engine.continuous_batching_config.page_size)
 
     def stop(self) -> None:
-        """Stop the engine's thread (it is not a daemon: a process would not exit while it runs)."""
+        """Stop the engine's thread (it is not a daemon: a process would not exit while it runs), failing the
+        requests still in it: transformers' own stop would first finish them all."""
+        engine = self.generation.engine
+        if engine is not None and engine.is_running():
+            engine.stop(block=True, timeout=60, hard_stop=True)
         self.generation.shutdown()
 
 
