@@ -6,6 +6,9 @@
 #      rows 1..16384, d 4096, r 4, bf16) with the fraction of the bandwidth roofline reached and peak memory;
 #   2b. time per call at decode sizes with calls queued back to back (bench/bench_host.py --device cuda);
 #   3. a short sweep of Triton block sizes at 16384 rows (to tune kernels/gated_loreft.py defaults);
+#   3b. compiled decoding: generate with a static KV cache, decode steps under torch.compile mode=reduce-overhead
+#      (CUDA graphs), Llama-1B shape, batch 1/8/32, unpatched vs last_prompt / all (targets +1 % / +3 %); rows
+#      appended per batch, so a run cut by its 60 s (compilation takes most of it) keeps the batches it finished;
 #   4. the benchmark suite's op and serving groups (python -m bench: d 4096/3584/2048, generate on Llama shapes
 #      up to 8B with random weights, batch 1/8/32) and its report, so RESULTS.md gets the GPU's table
 #      (skip with GRUN_GPU_SUITE=0; the GPU machine may lack transformers: the suite then skips serving).
@@ -54,9 +57,13 @@ echo; echo "== 3. block-size sweep (rows=16384)"
 timeout 35 $PY bench/bench_kernels.py --sweep --rows 16384 --repeats 15 --providers triton \
     || echo "sweep incomplete (rc=$?)"
 
+echo; echo "== 3b. compiled decoding: static cache, torch.compile reduce-overhead (CUDA graphs), Llama-1B shape"
+timeout 60 $PY bench/bench_serving.py --model 1b --batch 1 8 32 --prompt-len 32 --new-tokens 16 --repeats 5 \
+    --compile reduce-overhead || echo "compiled decoding incomplete (rc=$?)"
+
 if [ "${GRUN_GPU_SUITE:-1}" != "0" ]; then
     echo; echo "== 4. benchmark suite: op and serving groups, then the report"
-    timeout 240 $PY -m bench --groups op serving || echo "suite incomplete (rc=$?)"
+    timeout 180 $PY -m bench --groups op serving || echo "suite incomplete (rc=$?)"  # 240 s before 3b took 60
     timeout 60 $PY -m bench.report > /dev/null || echo "report failed (rc=$?)"
 fi
 
