@@ -36,6 +36,8 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
 
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
+    # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
+    "default": {"library_defaults": True},
     "gd": {"method": "gd"},
     "npo": {"method": "npo"},
     "simnpo": {"method": "simnpo"},
@@ -51,6 +53,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/all/rank16": {"method": "npo", "positions": "all", "rank": 16},
     "npo/all/layers1-5": {"method": "npo", "positions": "all", "layers": [1, 2, 3, 4, 5]},
     "npo/all/3xsteps": {"method": "npo", "positions": "all", "steps_factor": 3},
+    "npo/all/retain5": {"method": "npo", "positions": "all", "lambda_r": 5.0},
+    "npo/all/retain5/t0.5": {"method": "npo", "positions": "all", "lambda_r": 5.0, "gate_threshold": 0.5},
 }
 
 
@@ -59,18 +63,37 @@ def _say(message: str) -> None:
 
 
 def pipeline(data: str, split: str, cache: Path, retain_rows: int) -> dict[str, Any]:
-    """Rows, base and retain models, and their evaluations for one forget split (cached models)."""
+    """Rows, base and retain models, and their evaluations for one forget split (models and evaluations
+    cached, so several processes can run seeds side by side)."""
     from grun_fast.demo import Plan, build_data, cached_model
 
     plan = replace(Plan(), tofu_retain_rows=retain_rows)
     rows = build_data(data, plan, split)
     base, tokenizer = cached_model(cache, "base", rows["train_base"], plan)
     retain_model, _ = cached_model(cache, "retain", rows["train_retain"], plan, tokenizer=tokenizer)
-    retain_eval = _evaluate(retain_model, tokenizer, rows["eval_splits"], None, plan)
+    retain_eval = _cached_eval(cache, retain_model, "retain", split,
+                               lambda: _evaluate(retain_model, tokenizer, rows["eval_splits"], None, plan))
     ratios = [r["truth_ratio"] for r in retain_eval["splits"]["forget"]["rows"]]
-    base_eval = _evaluate(base, tokenizer, rows["eval_splits"], ratios, plan)
+    base_eval = _cached_eval(cache, base, "base", split,
+                             lambda: _evaluate(base, tokenizer, rows["eval_splits"], ratios, plan))
     return {"plan": plan, "rows": rows, "base": base, "tokenizer": tokenizer, "retain_eval": retain_eval,
             "retain_ratios": ratios, "base_eval": base_eval}
+
+
+def _cached_eval(cache: Path, model, role: str, split: str, compute) -> dict[str, Any]:
+    """The evaluation of a model (keyed by a digest of its weights) on ``split``, computed once."""
+    import hashlib
+    import json
+
+    from grun_fast.evaluation.report import write_json
+
+    digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in model.parameters())).hexdigest()
+    path = cache / f"study-eval-{digest[:16]}-{split}-{role}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(result, path)
+    return result
 
 
 def _evaluate(model, tokenizer, splits, ratios, plan) -> dict[str, Any]:
@@ -107,10 +130,13 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     overrides = dict(SETTINGS[name])
     factor = overrides.pop("steps_factor", 1)
     threshold = overrides.pop("gate_threshold", None)
-    method = overrides.pop("method")
     base, rows = pipe["base"], pipe["rows"]
-    result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], method=method, seed=seed,
-                     max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
+    if overrides.pop("library_defaults", False):
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed, progress=False,
+                         adapter_name="study")
+    else:
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed,
+                         max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
     try:
         if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited
             for module in patching.adapter_modules(base, "study").values():
@@ -125,7 +151,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
         "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
         "retain_model_utility": pipe["retain_eval"].get("model_utility"),
         "train_seconds": round(result.train_seconds, 1),
-        "overrides": ";".join(f"{k}={v}" for k, v in {**SETTINGS[name], "max_steps": steps * factor}.items()),
+        "overrides": ";".join(f"{k}={v}" for k, v in {**SETTINGS[name], "steps": result.global_step}.items()),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
     }
 

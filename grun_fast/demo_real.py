@@ -48,6 +48,7 @@ class RealPlan:
     retain: int = 40
     general: int = 20
     method: str = "idk"
+    positions: str = "last_prompt"   # refusals are first-token behaviour; the thresholds were measured so
     layers: tuple[int, ...] = (18, 23, 29)
     gate: str = "linear"
     gate_threshold: float | None = 0.5
@@ -127,6 +128,7 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     adapter_dir = out / "adapter"
     result = unlearn(model, tokenizer, forget_rows, retain_rows, method=plan.method, layers=layers,
                      out=adapter_dir, max_steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size, gate=plan.gate,
+                     positions=plan.positions,
                      seed=plan.seed, progress=False)
     times["unlearn"] = result.train_seconds
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")

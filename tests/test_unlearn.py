@@ -193,7 +193,7 @@ def test_prefix_cache_gives_the_same_adapter_and_is_reused(data, monkeypatch, me
     for prefix in (False, True):
         model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
         result = unlearn(model, tok, forget, retain, method=method, layers=[1, 3], max_steps=8,
-                         cache_prefix=prefix, **FAST)
+                         positions="last_prompt", cache_prefix=prefix, **FAST)   # the cache needs last_prompt
         states.append(adapter_state(model))
         logs.append([h["loss"] for h in result.log_history if "forget_loss" in h])
     assert trainers[0].prefix_cache is None

@@ -64,7 +64,8 @@ def test_frozen_base_runs_in_eval_mode_and_prefix_cache_stays_on(data, monkeypat
     trainers = keep_trainers(monkeypatch)
     calls, handles = dropout_calls(model)
     try:
-        unlearn(model, tok, forget, retain, method="npo", layers=[1, 3], max_steps=4, **FAST)
+        unlearn(model, tok, forget, retain, method="npo", layers=[1, 3], max_steps=4, positions="last_prompt",
+                **FAST)
     finally:
         for h in handles:
             h.remove()
@@ -218,7 +219,7 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
         pairs.append((float(loss.detach()), float(expected)))
         return loss
     monkeypatch.setattr(trainer_module.GRUNTrainer, "compute_loss", spy)
-    unlearn(model, tok, forget, retain, method=method, layers=[1, 3], max_steps=3, **FAST)
+    unlearn(model, tok, forget, retain, method=method, layers=[1, 3], max_steps=3, positions="last_prompt", **FAST)
     assert len(pairs) == 3
     for got, want in pairs:
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)

@@ -41,7 +41,8 @@ def mean_gate(model, tok, rows):
 def check_forgets(model, tok, forget, retain, method, **kwargs):
     before = rouge(model, tok, forget), rouge(model, tok, retain)
     assert before[0] > 0.9 and before[1] > 0.9, f"the base did not memorise its rows: {before}"
-    unlearn(model, tok, forget, retain, method=method, progress=False, **kwargs)
+    # GRUN.md section 8's setting: the edit at the last prompt token (the gate read there below)
+    unlearn(model, tok, forget, retain, method=method, progress=False, **{"positions": "last_prompt", **kwargs})
     after = rouge(model, tok, forget), rouge(model, tok, retain)
     gates = mean_gate(model, tok, forget), mean_gate(model, tok, retain)
     print(f"{method}: ROUGE-L forget {before[0]:.3f} -> {after[0]:.3f}, retain {before[1]:.3f} -> {after[1]:.3f}; "

@@ -449,7 +449,7 @@ def _resolve_resume(resume: bool | str | os.PathLike | None, ckpt_dir: Path | No
 
 
 def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], retain_rows: Sequence[Mapping],
-            method: str = "gd", layers: Sequence[int] | None = None, *, out: str | os.PathLike | None = None,
+            method: str | None = None, layers: Sequence[int] | None = None, *, out: str | os.PathLike | None = None,
             config: UnlearnConfig | None = None, resume: bool | str | os.PathLike | None = None,
             **overrides: Any) -> UnlearnResult:
     """Train a GRUN adapter that makes ``model`` forget ``forget_rows`` while keeping ``retain_rows``.
@@ -468,10 +468,12 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     configs/accelerate_fsdp.yaml``) the model comes back sharded, as the Trainer left it.
     """
     if config is None:
-        config = UnlearnConfig(method=method, layers=list(layers) if layers is not None else None, **overrides)
-    elif overrides or method != "gd" or layers is not None:
+        if method is not None:
+            overrides["method"] = method
+        config = UnlearnConfig(layers=list(layers) if layers is not None else None, **overrides)
+    elif overrides or method is not None or layers is not None:
         extra = dict(overrides)
-        if method != "gd":
+        if method is not None:
             extra["method"] = method
         if layers is not None:
             extra["layers"] = list(layers)
