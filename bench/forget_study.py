@@ -38,6 +38,7 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
 SETTINGS: dict[str, dict[str, Any]] = {
     # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
     "default": {"library_defaults": True},
+    "default/retain5": {"library_defaults": True, "lambda_r": 5.0},
     "gd": {"method": "gd"},
     "npo": {"method": "npo"},
     "simnpo": {"method": "simnpo"},
@@ -133,7 +134,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     base, rows = pipe["base"], pipe["rows"]
     if overrides.pop("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed, progress=False,
-                         adapter_name="study")
+                         adapter_name="study", **overrides)
     else:
         result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed,
                          max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
