@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default: tiny 60, smollm2 10)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--positions", choices=["last_prompt", "all"], default=None,
+                   help="edit positions (default: unlearn's; last_prompt fills the cached-prompt store once per "
+                        "format variant, all has no such store)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
@@ -51,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     from grun_fast import patching
     from grun_fast.unlearn import unlearn
 
+    from grun_fast.unlearn import UnlearnConfig
+
     model, tokenizer, forget, retain, layers = _setup(args.model)
     steps = args.steps or (60 if args.model == "tiny" else 10)
+    positions = args.positions or UnlearnConfig().positions
 
     def run(augment: bool):
         def call():
-            unlearn(model, tokenizer, forget, retain, method="gd", layers=layers, max_steps=steps, batch_size=16,
+            unlearn(model, tokenizer, forget, retain, method="gd", positions=positions, layers=layers,
+                    max_steps=steps, batch_size=16,
                     augment_formats=augment, progress=False, adapter_name="timing", logging_steps=10_000)
             patching.unpatch(model, "timing")
         return call
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [a / b for a, b in zip(samples["augmented"], samples["plain"])]
     ratio = statistics.median(ratios)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"{args.model}: augmented {med['augmented']:.2f} s, plain {med['plain']:.2f} s CPU per {steps}-step run; "
+    print(f"{args.model}, positions={positions}: augmented {med['augmented']:.2f} s, plain {med['plain']:.2f} s CPU per {steps}-step run; "
           f"ratio median {ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)}; {common.load_average()})")
     if not args.no_csv:
         _, p20, p80 = common.quantiles(ratios)
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "op": "unlearn_augmentation", "provider": "grun_fast", "mode": "train", "rows": 16, "d": model.config.hidden_size,
             "r": 4, "dtype": "float32", "median": round(ratio, 4), "p20": round(p20, 4), "p80": round(p80, 4),
             "unit": "x (augmented / plain CPU time)", "device": common.device_name(), "date": common.now(),
-            "config": args.model, "batch": 16,
+            "config": f"{args.model} positions={positions}", "batch": 16,
             "note": f"steps={steps} repeats={args.repeats} augmented_s={med['augmented']:.2f} "
                     f"plain_s={med['plain']:.2f} {common.load_average()}"}])
         print(f"appended to {path}")

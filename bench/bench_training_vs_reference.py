@@ -89,7 +89,8 @@ class Ours:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.grun_fast, self.mode, self.cfg, self.bare = grun_fast, mode, cfg, None
         self.model = _llama(cfg).eval().requires_grad_(False)
-        ucfg = UnlearnConfig(method="gd", layers=cfg["layers"], rank=cfg["rank"], batch_size=cfg["batch"],
+        ucfg = UnlearnConfig(method="gd", positions="last_prompt", layers=cfg["layers"], rank=cfg["rank"],
+                             batch_size=cfg["batch"],
                              lr=cfg["lr"], weight_decay=0.0, lambda_r=2.0, lambda_g=10.0, progress=False)
         grun_fast.patch(self.model, ucfg.grun_config(cfg["model"]["num_hidden_layers"]))
         self.modules = list(grun_fast.adapter_modules(self.model).values())
