@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import signal
 import socket
 import sys
@@ -95,7 +96,10 @@ class Served:
         engine = self.generation.engine
         if engine is not None and engine.is_running():
             engine.stop(block=True, timeout=60, hard_stop=True)
+        if engine is not None and not engine.is_running():
+            self.generation._cb_manager = None  # stopped; transformers' shutdown would stop it again, with warnings
         self.generation.shutdown()
+        gc.collect()  # the engine's batch processor, while torch is still whole (its __del__ calls into torch)
 
 
 def require_serving() -> None:
