@@ -14,7 +14,7 @@ over-long prompt: each must be a 4xx) and one streaming client that leaves after
 keep serving. Rows go to bench/results/results.csv, a summary to bench/results/serve_<model>.md ($GRUN_BENCH_OUT moves both).
 
     python bench/bench_serve.py                      # tiny (d=128, 4 layers), 30 rounds
-    python bench/bench_serve.py --model 1b --rounds 2 --prompt-words 3 20 --new 4 8 --check 8 --threads 2 --kv-cache-tokens 4096
+    python bench/bench_serve.py --model 1b --rounds 2 --prompt-words 3 20 --new 4 8 --check 8 --kv-cache-tokens 4096
 """
 from __future__ import annotations
 
@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, nargs=2, default=[16, 64], help="max_tokens range")
     parser.add_argument("--check", type=int, default=None,
                         help="check this many requests per workload against generate (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each server process (on the shared 2-core test machine, 2 threads per "
+                             "server made steps cost 1.3-2x the CPU time, unevenly between servers: keep 1 there)")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384,
                         help="each server's KV cache (the 1b shape holds 256 KiB per token: 4 GiB at 16384)")
     parser.add_argument("--no-csv", action="store_true")
