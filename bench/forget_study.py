@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
     "default": {"library_defaults": True},
     "default/retain5": {"library_defaults": True, "lambda_r": 5.0},
+    "default/3xepochs": {"library_defaults": True, "epochs": 120},
     "gd": {"method": "gd"},
     "npo": {"method": "npo"},
     "simnpo": {"method": "simnpo"},
