@@ -32,7 +32,7 @@ CSV = RESULTS / "forget_study.csv"
 FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l",
           "paraphrased_rouge_l", "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks",
           "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
-          "retain_model_utility", "train_seconds", "overrides", "date", "version"]
+          "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest"]
 
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -40,6 +40,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {"library_defaults": True},
     "default/retain5": {"library_defaults": True, "lambda_r": 5.0},
     "default/3xepochs": {"library_defaults": True, "epochs": 120},
+    "default/3xepochs/t0.5": {"library_defaults": True, "epochs": 120, "gate_threshold": 0.5},
+    "default/3xepochs/retain5": {"library_defaults": True, "epochs": 120, "lambda_r": 5.0},
     "gd": {"method": "gd"},
     "npo": {"method": "npo"},
     "simnpo": {"method": "simnpo"},
@@ -110,6 +112,18 @@ def _gate(split: dict) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _weakest(ev: dict[str, Any]) -> str | None:
+    """The smallest of model utility's 9 numbers (it dominates their harmonic mean), e.g. 'world_facts/probability=0.31'."""
+    from grun_fast.evaluation.metrics import UTILITY_METRICS, UTILITY_SPLITS
+
+    values = [(ev["splits"][s][m], f"{s}/{m}") for s in UTILITY_SPLITS for m in UTILITY_METRICS
+              if s in ev["splits"] and ev["splits"][s].get(m) is not None]
+    if not values:
+        return None
+    value, name = min(values)
+    return f"{name}={value:.3f}"
+
+
 def summary(ev: dict[str, Any]) -> dict[str, Any]:
     forget, retain = ev["splits"]["forget"], ev["splits"]["retain"]
     return {
@@ -118,6 +132,7 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
         "forget_rouge_l": forget["rouge_l"], "retain_rouge_l": retain["rouge_l"],
         "paraphrased_rouge_l": forget["paraphrased_question"]["rouge_l"],
         "forget_truth_ratio": forget.get("truth_ratio"),
+        "utility_weakest": _weakest(ev),
         "gate_forget": _gate(forget), "gate_retain": _gate(retain),
         "forget_leaks": (forget.get("leaks") or {}).get("count"),
     }
@@ -159,7 +174,19 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
 
 
 def append(row: dict[str, Any], path: Path = CSV) -> None:
+    """Append one row; a file written with fewer columns is first rewritten with FIELDS (old rows blank there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = reader.fieldnames, list(reader)
+        if header != FIELDS:
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k) for k in FIELDS} for r in old)
+            os.replace(tmp, path)
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -1,0 +1,49 @@
+"""The forget-quality study's bookkeeping: its CSV grows columns without losing rows, medians per setting,
+and the weakest of model utility's nine numbers is named."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from bench import forget_study as fs
+
+
+def _row(setting: str, seed: int, fq: float) -> dict:
+    return {**{k: "" for k in fs.FIELDS}, "split": "forget01", "setting": setting, "seed": seed,
+            "forget_quality": fq, "model_utility": 0.9}
+
+
+def test_append_rewrites_an_older_header_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "study.csv"
+    old_fields = fs.FIELDS[:-1]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({k: v for k, v in _row("npo", 0, 0.5).items() if k in old_fields})
+    fs.append({**_row("npo", 1, 0.1), "utility_weakest": "retain/probability=0.400"}, path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == fs.FIELDS
+        rows = list(reader)
+    assert [r["seed"] for r in rows] == ["0", "1"]
+    assert rows[0]["utility_weakest"] == "" and rows[1]["utility_weakest"] == "retain/probability=0.400"
+
+
+def test_medians_over_seeds_take_the_latest_row_per_seed(tmp_path):
+    path = tmp_path / "study.csv"
+    for row in (_row("npo", 0, 0.9), _row("npo", 0, 0.1), _row("npo", 1, 0.3), _row("npo", 2, 0.5),
+                _row("gd", 0, 1e-6)):
+        fs.append(row, path)
+    by_setting = {m["setting"]: m for m in fs.medians(path)}
+    assert by_setting["npo"]["seeds"] == 3
+    assert by_setting["npo"]["forget_quality"] == pytest.approx(0.3)   # seeds 0 (latest: 0.1), 1, 2
+    assert by_setting["gd"]["seeds"] == 1
+
+
+def test_weakest_utility_number_is_named():
+    splits = {s: {"probability": 0.8, "rouge_l": 0.9, "truth_ratio": 0.7} for s in ("retain", "real_authors",
+                                                                                    "world_facts")}
+    splits["world_facts"]["probability"] = 0.25
+    assert fs._weakest({"splits": splits}) == "world_facts/probability=0.250"
+    assert fs._weakest({"splits": {}}) is None
