@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
     adapter_dir = out / "adapter"
     # The demo's fast setting: edits at the last prompt token, 150 steps (CI runs it). The library's default
-    # (NPO, a gated edit at every token, 40 epochs) forgets far more (bench/results/forget_study.md) and
-    # trains several times longer on a CPU.
+    # (NPO, a gated edit at every token, at least 450 steps) forgets far more (bench/results/forget_study.md)
+    # and trains several times longer on a CPU.
     result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
                      max_steps=plan.unlearn_steps, gate="mlp", positions="last_prompt", seed=plan.seed,
                      progress=True)

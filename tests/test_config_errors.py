@@ -61,7 +61,7 @@ def test_grun_config_accepts_and_normalises():
     (dict(progress="yes"), "progress must be True or False"),
     (dict(gradient_checkpointing=1), "gradient_checkpointing must be True or False"),
     (dict(cache_lower_mb=-1), "cache_lower_mb must be an integer >= 0"),
-    (dict(epochs=1.5), "epochs must be an integer >= 1"),
+    (dict(epochs=1.5), "epochs must be None or an integer >= 1"),
     (dict(max_steps=0), "max_steps must be None or an integer >= 1"),
     (dict(template="x"), "unknown prompt template 'x'"),
     (dict(method="sgd"), "unknown method 'sgd'"),

@@ -370,3 +370,16 @@ def test_bfloat16_model_and_document_rows(data):
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "grun" not in n)
     R = grun_fast.adapter_modules(model)[1].orthonormal_rotation().float()
     assert torch.allclose(R @ R.T, torch.eye(4), atol=1e-4)
+
+
+def test_steps_default_floor_and_explicit_epochs():
+    """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
+    from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS
+
+    config = UnlearnConfig()
+    assert config.epochs is None
+    assert config.steps(20) == MIN_DEFAULT_STEPS                      # 40 x 20 / 16 = 50 steps: floored
+    assert config.steps(1000) == DEFAULT_EPOCHS * 1000 // 16          # 2500 > the floor
+    assert UnlearnConfig(epochs=1).steps(20) == 2
+    assert UnlearnConfig(epochs=DEFAULT_EPOCHS).steps(20) == 50
+    assert UnlearnConfig(max_steps=7, epochs=3).steps(1000) == 7

@@ -18,7 +18,7 @@ from pathlib import Path
 from grun_fast.data.prompts import parse_template_arg
 from grun_fast.errors import GRUNError
 from grun_fast.models import MODEL_HELP
-from grun_fast.unlearn.config import UnlearnConfig
+from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, UnlearnConfig
 from grun_fast.unlearn.losses import METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "trailing space/newline or none, chat with/without system prompt, the bare question)")
 
     h = parser.add_argument_group("training")
-    h.add_argument("--epochs", type=int, default=d.epochs, help="passes over the forget set")
+    h.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"passes over the forget set (default: {DEFAULT_EPOCHS}, and at least {MIN_DEFAULT_STEPS} steps)")
     h.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)")
     h.add_argument("--batch-size", type=int, default=d.batch_size, help="forget rows per step, all processes")
     h.add_argument("--lr", type=float, default=d.lr)

@@ -15,6 +15,12 @@ from grun_fast.unlearn.losses import DEFAULT_BETA, DEFAULT_FORGET_SCALE, DEFAULT
 
 # Fractions of depth of the reference layers (20, 25, 31 of 32): ~62 %, 78 %, the last layer.
 DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
+# epochs=None: this many passes over the forget set, but at least MIN_DEFAULT_STEPS optimiser steps. An edit at
+# every token needs a sharp per-token gate, and the gate sharpens with steps, not passes: tiny TOFU forget01
+# (20 rows, NPO, every token) at 40 epochs = 50 steps: gates 0.63 forget / 0.14 retain, retain ROUGE-L -0.19;
+# at 450 steps 0.97 / 0.01 and -0.03 (bench/results/forget_study.md).
+DEFAULT_EPOCHS = 40
+MIN_DEFAULT_STEPS = 450
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -34,7 +40,8 @@ class UnlearnConfig:
 
     layers: decoder layers to edit (None: ~62 %, 78 % and 100 % of depth, as in the reference code).
     batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
-    epochs: passes over the forget set (max_steps, when set, wins).
+    epochs: passes over the forget set; None (default): DEFAULT_EPOCHS passes and at least MIN_DEFAULT_STEPS
+        steps. max_steps, when set, wins (``steps``).
     lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo, simnpo: 1 and 10; idk, rmu: 1, 1).
     beta: NPO/SimNPO temperature; None picks the method's (npo 0.1 on summed NLL, simnpo 2.5 on mean NLL).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
@@ -53,8 +60,9 @@ class UnlearnConfig:
     """
 
     # NPO with a gated edit at every token: the setting of bench/forget_study.py that moved TOFU forget
-    # quality (tiny pipeline, forget01: 1.9e-6 -> 0.77 at 450 steps, retain ROUGE-L -0.03; last_prompt edits of
-    # every objective left it at the base's, see bench/results/forget_study.md).
+    # quality (tiny pipeline, forget01, 450 steps, seeds 0-2: 1.9e-6 -> 0.92, retain ROUGE-L -0.03; last_prompt
+    # edits of every objective left it at the base's; forget05 with few retain rows: no setting kept model
+    # utility; see bench/results/forget_study.md).
     method: str = "npo"
     layers: list[int] | None = None
     rank: int = 4
@@ -64,7 +72,7 @@ class UnlearnConfig:
     gate: str = "mlp"
     positions: str = "all"
     adapter_name: str = "default"
-    epochs: int = 40
+    epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 16
     lr: float = 4e-3
@@ -98,11 +106,11 @@ class UnlearnConfig:
             raise GRUNError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.positions not in POSITIONS:
             raise GRUNError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
-        for name in ("epochs", "batch_size", "rank", "max_length", "logging_steps", "reference_batch_size"):
+        for name in ("batch_size", "rank", "max_length", "logging_steps", "reference_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GRUNError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_steps", "save_steps"):
+        for name in ("epochs", "max_steps", "save_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise GRUNError(f"{name} must be None or an integer >= 1, got {value!r}")
@@ -146,6 +154,15 @@ class UnlearnConfig:
         config = GRUNConfig(layers=layers, rank=self.rank, gate=self.gate, positions=self.positions)
         return GRUNConfig(layers=config.resolve_layers(num_layers), rank=self.rank, gate=self.gate,
                           positions=self.positions)
+
+    def steps(self, n_forget: int) -> int:
+        """Optimiser steps of a run over ``n_forget`` forget rows: max_steps; else ``epochs`` passes; else
+        DEFAULT_EPOCHS passes and at least MIN_DEFAULT_STEPS."""
+        if self.max_steps is not None:
+            return self.max_steps
+        epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+        steps = math.ceil(epochs * n_forget / self.batch_size)
+        return steps if self.epochs is not None else max(steps, MIN_DEFAULT_STEPS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -527,7 +527,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     except ValueError as e:
         raise GRUNError(f"could not tokenise the data: {e}") from None
     forget_ex = forget_vars[0]
-    steps = config.max_steps or math.ceil(config.epochs * len(forget_ex) / config.batch_size)
+    steps = config.steps(len(forget_ex))
     schedule = ForgetSchedule(forget_ex, epochs=math.ceil(steps * config.batch_size / len(forget_ex)),
                               seed=config.seed, variants=forget_vars[1:])
     schedule.order = schedule.order[: steps * config.batch_size]
