@@ -290,9 +290,12 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False)
     for ax, split in zip(axes[0], splits):
         rows = [m for m in entries if m["split"] == split and m.get("forget_quality") is not None]
+        points: dict[tuple[float, float], list[str]] = {}   # settings that land on the same point share a label
         for m in rows:
-            ax.scatter(m["model_utility"], m["forget_quality"], s=30)
-            ax.annotate(m["setting"], (m["model_utility"], m["forget_quality"]), fontsize=7,
+            points.setdefault((m["model_utility"], m["forget_quality"]), []).append(m["setting"])
+        for (x, y), names in points.items():
+            ax.scatter(x, y, s=30)
+            ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         if rows:
             ref = rows[0]
