@@ -213,21 +213,21 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data, tmp_path, m
     whole = adapter_state(model)
 
     model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
-    real = trainer_module.gate_bce
+    real = trainer_module.total_loss
     calls = []
 
-    def failing(*args):
+    def failing(*args):   # total_loss runs once per step: step 5 diverges
         calls.append(1)
         value = real(*args)
         return value * float("nan") if len(calls) == 5 else value
-    monkeypatch.setattr(trainer_module, "gate_bce", failing)
+    monkeypatch.setattr(trainer_module, "total_loss", failing)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"step 5 .*checkpoint-4"):
         unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, **FAST)
     assert grun_fast.adapter_names(model) == []            # the failed adapter is removed again
     assert not (out / "adapter_config.json").exists()      # no final adapter written
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(trainer_module, "gate_bce", real)
+    monkeypatch.setattr(trainer_module, "total_loss", real)
     result = unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, resume=True,
                      **FAST)
     assert result.global_step == 6

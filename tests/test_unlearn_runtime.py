@@ -125,10 +125,10 @@ def test_failed_run_moves_the_model_back_and_leaves_it_untouched(data, monkeypat
         return real_to(*args, **kwargs)
     monkeypatch.setattr(model, "to", spy_to)
 
-    def nan_gate(f, r):
+    def nan_loss(*args):   # the step's loss (total_loss runs once per step)
         moves.append("nan")
         return torch.tensor(float("nan"))
-    monkeypatch.setattr(trainer_module, "gate_bce", nan_gate)
+    monkeypatch.setattr(trainer_module, "total_loss", nan_loss)
     with pytest.raises(TrainingDiverged):
         unlearn(model, tok, forget, retain, layers=[2], max_steps=2, **FAST)
     # to the training device (unlearn, then the HF Trainer), and after the failure back to where it was (cpu
