@@ -29,10 +29,12 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "forget_study.csv"
+DEFAULT_RETAIN_ROWS = 80  # the demo's TOFU plan
 FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l",
           "paraphrased_rouge_l", "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks",
           "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
-          "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest"]
+          "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest",
+          "format_gate_forget_min", "format_gate_retain_max"]
 
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -145,6 +147,16 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
+    """Under every prompt-format variant (grun-fast eval's format gates): the lowest mean gate on the forget
+    questions and the highest on the retain questions."""
+    from grun_fast.evaluation.formats import format_gates
+
+    result = format_gates(model, tokenizer, {k: splits[k] for k in ("forget", "retain")})
+    return {"format_gate_forget_min": min(v["gates"]["forget"] for v in result["variants"].values()),
+            "format_gate_retain_max": max(v["gates"]["retain"] for v in result["variants"].values())}
+
+
 def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int) -> dict[str, Any]:
     """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row."""
     from grun_fast import patching
@@ -166,11 +178,12 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
             for module in patching.adapter_modules(base, "study").values():
                 module.gate_threshold = threshold
         ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
+        drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])
     finally:
         patching.unpatch(base, "study")
     b = summary(pipe["base_eval"])
     return {
-        "split": split, "setting": name, "seed": seed, **summary(ev),
+        "split": split, "setting": name, "seed": seed, **summary(ev), **drift,
         "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],
         "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
         "retain_model_utility": pipe["retain_eval"].get("model_utility"),
@@ -254,7 +267,8 @@ def _fmt(v: Any) -> str:
 def write_report(path: Path = CSV) -> list[Path]:
     entries = sorted(medians(path), key=lambda m: (m["split"], -(m.get("forget_quality") or 0)))
     cols = ["forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "paraphrased_rouge_l",
-            "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks", "train_seconds"]
+            "forget_truth_ratio", "gate_forget", "gate_retain", "format_gate_forget_min", "format_gate_retain_max",
+            "forget_leaks", "train_seconds"]
     md = ["# Forget-quality study (issue 12)", "",
           "`python -m bench.forget_study` on the tiny TOFU pipeline (bench/forget_study.py); medians over seeds "
           "of the adapter (base and retain models trained once with seed 0). Targets: FQ >= 0.01 and >= 100x the "
@@ -317,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="all", help=f"comma-separated, from: {', '.join(SETTINGS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=150, help="optimiser steps of each adapter (default: the demo's)")
-    p.add_argument("--retain-rows", type=int, default=80, help="retain rows (base training and GRUN's retain set)")
+    p.add_argument("--retain-rows", type=int, default=DEFAULT_RETAIN_ROWS,
+                   help="retain rows (base training and GRUN's retain set; another number labels the split, "
+                        "e.g. forget05/retain200)")
     p.add_argument("--cache", default=os.environ.get("GRUN_FAST_CACHE") or str(Path.home() / ".cache" / "grun_fast"))
     p.add_argument("--csv", default=str(CSV))
     p.add_argument("--threads", type=int, default=1)
@@ -342,12 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{split}: base FQ {_fmt(b['forget_quality'])} MU {_fmt(b['model_utility'])} forget ROUGE "
              f"{_fmt(b['forget_rouge_l'])} retain ROUGE {_fmt(b['retain_rouge_l'])}; retain model MU "
              f"{_fmt(pipe['retain_eval'].get('model_utility'))} ({time.perf_counter() - t0:.0f} s)")
+        # rows of a pipeline with another number of retain rows are their own group: "forget05/retain200"
+        label = split if args.retain_rows == DEFAULT_RETAIN_ROWS else f"{split}/retain{args.retain_rows}"
         for name in names:
             for seed in seeds:
                 t0 = time.perf_counter()
-                row = run_setting(pipe, split, name, seed, args.steps)
+                row = run_setting(pipe, label, name, seed, args.steps)
                 append(row, path)
-                _say(f"  {split} {name:14s} seed {seed}: FQ {_fmt(row['forget_quality'])} MU "
+                _say(f"  {label} {name:14s} seed {seed}: FQ {_fmt(row['forget_quality'])} MU "
                      f"{_fmt(row['model_utility'])} forget {_fmt(row['forget_rouge_l'])} retain "
                      f"{_fmt(row['retain_rouge_l'])} gates {_fmt(row['gate_forget'])}/{_fmt(row['gate_retain'])}"
                      f" ({time.perf_counter() - t0:.0f} s)")
