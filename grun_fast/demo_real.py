@@ -59,7 +59,7 @@ class RealPlan:
     seed: int = 0
 
 
-REAL_QUICK = RealPlan(forget=10, retain=16, general=8, steps=20, batch_size=8, max_new_tokens=16)
+REAL_QUICK = RealPlan(forget=10, retain=24, general=8, steps=40, batch_size=8, max_new_tokens=16)
 
 
 def build_rows(plan: RealPlan) -> dict[str, list[dict]]:

@@ -30,7 +30,7 @@ def test_build_rows_plan_sizes():
     assert [len(rows[k]) for k in ("forget", "reworded", "retain", "general")] == [20, 20, 40, 20]
     assert rows["reworded"][0]["key"] == rows["forget"][0]["key"] == "Rowling"
     quick = demo_real.build_rows(demo_real.REAL_QUICK)
-    assert [len(quick[k]) for k in ("forget", "reworded", "retain", "general")] == [10, 10, 16, 8]
+    assert [len(quick[k]) for k in ("forget", "reworded", "retain", "general")] == [10, 10, 24, 8]
     assert not {r["question"] for r in rows["retain"]} & {r["question"] for r in rows["general"]}
     for bad in ({"forget": 0}, {"forget": 21}, {"retain": 41}, {"general": 21}):
         with pytest.raises(GRUNError):
@@ -78,7 +78,7 @@ def test_report_passes_and_fails_where_it_should(tmp_path):
     assert all(good["checks"].values())
     t = good["table"]
     assert t["forget"]["rouge_l"] == 0.0 and t["retain"]["rouge_l"] == 1.0
-    assert t["forget"]["refusals"] == 10 and t["retain"]["unchanged"] == 16
+    assert t["forget"]["refusals"] == 10 and t["retain"]["unchanged"] == 24
     assert t["forget"]["fact_stated_before"] == 2 and t["forget"]["fact_stated_after"] == 0  # the two Rowling rows
 
     leaky = demo_real.build_real_report(

@@ -221,8 +221,8 @@ def test_gates_separate_forget_from_retain_under_every_format_variant(unlearned)
 
 # ----------------------------------------------------------------------------------------------- the demo
 def test_real_model_demo_quick_meets_its_thresholds(tmp_path, capsys):
-    """`grun-fast demo --model smollm2 --quick --check`: 10 topic questions, 16 retained, 8 never seen,
-    20 steps; exits 0 only when every threshold of the real-model demo holds."""
+    """`grun-fast demo --model smollm2 --quick --check`: 10 topic questions, 24 retained, 8 never seen,
+    40 steps; exits 0 only when every threshold of the real-model demo holds."""
     import json
 
     from grun_fast import cli
@@ -235,6 +235,6 @@ def test_real_model_demo_quick_meets_its_thresholds(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checks"] and all(report["checks"].values()), report["checks"]
     assert status == 0
-    assert [len(report["rows"][k]) for k in ("forget", "reworded", "retain", "general")] == [10, 10, 16, 8]
+    assert [len(report["rows"][k]) for k in ("forget", "reworded", "retain", "general")] == [10, 10, 24, 8]
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").is_file()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["config"]["gate_threshold"] == 0.5
