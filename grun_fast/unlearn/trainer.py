@@ -151,8 +151,10 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         self._hook = None
         self.rmu_target: torch.Tensor | None = None
         skip = min(i for name in adapter_names(grun_model) for i in adapter_config(grun_model, name).layers)
+        # Not under FSDP: every forward of sharded layers is a collective, and how many forwards the cache runs
+        # (one per example it has not met) differs between processes, which then deadlock or crash.
         self.lower_cache = (LowerLayerCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
-                            if skip > 0 and grun_config.cache_lower_mb > 0 else None)
+                            if skip > 0 and grun_config.cache_lower_mb > 0 and not self.is_fsdp_enabled else None)
         self.answer_head = True               # LM head only where an answer token is predicted
         # the prompt prefix is adapter-independent unless a training adapter edits every token
         self.prefix_cache = (PrefixCache(grun_model, skip, grun_config.cache_lower_mb * 2**20)
@@ -287,6 +289,11 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
                 s_ref = self.reference.to(nll.device)[inputs["forget_index"].to(nll.device)]
                 forget = npo_loss(nll[:nf], s_ref, cfg.beta)
         gate = gate_bce(gf, gr)
+        if cfg.positions == "all" and world > 1:
+            # a mean over this process's gate values, whose number (tokens) differs between processes: weighted
+            # so that DDP's average over processes is the mean over all of them, as in one process
+            n_local = torch.stack([torch.tensor(float(sum(v.numel() for v in gf + gr)), device=gate.device)])
+            gate = gate * (n_local / self._global_sum(n_local) * world)[0]
         loss = total_loss(forget, retain, gate, cfg.lambda_r, cfg.lambda_g, cfg.forget_scale)
 
         bad = self._global_sum((~torch.isfinite(loss.detach())).float())
