@@ -101,8 +101,9 @@ class Ours:
         args = TrainingArguments(output_dir=self._tmp.name, per_device_train_batch_size=cfg["batch"],
                                  learning_rate=cfg["lr"], weight_decay=0.0, max_grad_norm=1.0, report_to="none",
                                  remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
+        # retain reference 0: the retain term is the plain NLL, as on the reference stack's side
         self.trainer = GRUNTrainer(model=self.model, args=args, grun_model=self.model, grun_config=ucfg,
-                                   pad_token_id=0)
+                                   retain_reference=torch.zeros(cfg["batch"]), pad_token_id=0)
         self.trainer.create_optimizer()
         self.trainer.current_gradient_accumulation_steps = 1   # set by the training loop otherwise
         self.opt = self.trainer.optimizer

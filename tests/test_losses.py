@@ -45,8 +45,11 @@ def test_losses_from_row_nll_by_hand():
     assert mean_nll(s, 4).item() == 2.0
     assert gd_forget_loss_from_nll(s, torch.tensor(4.0)).item() == -2.0
     assert idk_forget_loss_from_nll(s, 2).item() == 4.0
-    assert retain_loss_from_nll(s, 16).item() == 0.5
-    assert retain_loss_from_nll(s, 0).item() == 8.0          # an empty count is clamped to 1
+    zero = torch.zeros(2)
+    assert retain_loss_from_nll(s, zero, 16).item() == 0.5
+    assert retain_loss_from_nll(s, zero, 0).item() == 8.0          # an empty count is clamped to 1
+    # only the excess over the frozen model's NLL counts: row 0 is 1 nat worse, row 1 is better (no credit)
+    assert retain_loss_from_nll(s, torch.tensor([2.0, 6.0]), 4).item() == 0.25
     total, count = answer_nll(*example())
     assert gd_forget_loss_from_nll(total, count.sum()).item() == pytest.approx(
         -(5 * L2 + math.log(3)) / 4, abs=1e-6)

@@ -129,15 +129,20 @@ def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypat
         calls.append(out)
         return out
     monkeypatch.setattr(trainer_module, "reference_nll", counting)
-    batch = tokenize_rows(tok, forget)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = trainer_module.answer_nll(logits, batch["labels"])[0]
+    expected = []
+    for rows in (forget, retain):
+        batch = tokenize_rows(tok, rows)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected.append(trainer_module.answer_nll(logits, batch["labels"])[0])
     unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, **FAST)
-    # one reference per forget row and prompt-format variant (augmentation); the trained format's come first
+    # NPO's S_ref per forget row and the retain term's reference per retain row, each for every prompt-format
+    # variant (augmentation); the trained format's come first
     n_formats = len(format_variants("auto", tok))
-    assert len(calls) == 1 and calls[0].shape == (n_formats * len(forget),)
-    assert torch.allclose(calls[0][:len(forget)], expected, atol=1e-4)
+    assert len(calls) == 2
+    for got, rows, want in zip(calls, (forget, retain), expected):
+        assert got.shape == (n_formats * len(rows),)
+        assert torch.allclose(got[:len(rows)], want, atol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(data, monkeypatch):

@@ -94,6 +94,11 @@ class PairedCollator:
         self.pad_token_id = int(pad_token_id)
         self.seed = seed
 
+    @property
+    def all_examples(self) -> list[Mapping[str, Any]]:
+        """Every encoding of every retain row, indexed by ``retain_index``."""
+        return [e for v in self.variants for e in v]
+
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(self.retain)
         r_idx = [retain_index_for(it["step_index"], n, self.seed) for it in items]

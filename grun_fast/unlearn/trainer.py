@@ -136,13 +136,14 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
     saving and loading of the adapter: ``grun_fast.unlearn.fsdp``."""
 
     def __init__(self, *args: Any, grun_model: nn.Module, grun_config: UnlearnConfig,
-                 reference: torch.Tensor | None = None, pad_token_id: int = 0, prompt_format: str | None = None,
-                 **kwargs: Any):
+                 reference: torch.Tensor | None = None, retain_reference: torch.Tensor | None = None,
+                 pad_token_id: int = 0, prompt_format: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.prompt_format = prompt_format    # the resolved prompt format, recorded in adapter_config.json
         self.grun_model = grun_model          # the unwrapped model that carries the patch state
         self.grun_config = grun_config
         self.reference = reference            # NPO: S_ref per forget row
+        self.retain_reference = retain_reference  # the frozen model's summed NLL per retain example
         self.pad_token_id = pad_token_id
         self.loss_is_scaled_for_ga = False
         self._sums: dict[str, float] = {}
@@ -278,7 +279,10 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             counts = self._global_sum(torch.stack([(labels[:nf, 1:] != IGNORE_INDEX).sum(),
                                                    (labels[nf:, 1:] != IGNORE_INDEX).sum()]).float())
             denom = counts / world   # local sums over the global count per process: DDP's mean = the global mean
-            retain = retain_loss_from_nll(nll[nf:], denom[1])
+            if self.retain_reference is None:
+                raise RuntimeError("GRUNTrainer needs retain_reference (the frozen model's NLL per retain example)")
+            r_ref = self.retain_reference.to(nll.device)[inputs["retain_index"].to(nll.device)]
+            retain = retain_loss_from_nll(nll[nf:], r_ref, denom[1])
             if cfg.method == "gd":
                 forget = gd_forget_loss_from_nll(nll[:nf], denom[0])
             elif cfg.method == "idk":
@@ -571,9 +575,12 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         model.to(device)
         for p in model.parameters():
             p.requires_grad_(False)
-        reference = None
+        reference = retain_reference = None
         if config.method == "npo":
             reference = reference_nll(model, schedule.all_examples, pad_id, config.reference_batch_size, device)
+        if config.method != "rmu":
+            retain_reference = reference_nll(model, collator.all_examples, pad_id, config.reference_batch_size,
+                                             device)
         torch.manual_seed(config.seed)
         patch(model, grun_config, config.adapter_name)
         for p in (p for m in adapter_modules(model, config.adapter_name).values() for p in m.parameters()):
@@ -586,7 +593,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
             model.enable_input_require_grads()
             checkpointing = True
         trainer = GRUNTrainer(model=model, args=args, train_dataset=schedule, data_collator=collator,
-                              grun_model=model, grun_config=config, reference=reference, pad_token_id=pad_id,
+                              grun_model=model, grun_config=config, reference=reference,
+                              retain_reference=retain_reference, pad_token_id=pad_id,
                               prompt_format=prompt_format)
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.accelerator.wait_for_everyone()
