@@ -51,6 +51,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
                            "gate_threshold": 0.5},
     "npo/all/120ep/retain5": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
                               "lambda_r": 5.0},
+    # the defaults with 200 more retain rows that neither model was trained on (TOFU retain90 rows outside the
+    # evaluation's retain_perturbed): more varied questions for the gate to stay closed on; the retain term only
+    # asks the edit not to change the base's answers to them
+    "default/unseen-retain200": {"library_defaults": True, "unseen_retain_rows": 200},
     "gd": {"method": "gd", "positions": "last_prompt"},
     "npo": {"method": "npo", "positions": "last_prompt"},
     "simnpo": {"method": "simnpo", "positions": "last_prompt"},
@@ -89,8 +93,23 @@ def pipeline(data: str, split: str, cache: Path, retain_rows: int) -> dict[str, 
     ratios = [r["truth_ratio"] for r in retain_eval["splits"]["forget"]["rows"]]
     base_eval = _cached_eval(cache, base, "base", split,
                              lambda: _evaluate(base, tokenizer, rows["eval_splits"], ratios, plan))
-    return {"plan": plan, "rows": rows, "base": base, "tokenizer": tokenizer, "retain_eval": retain_eval,
+    return {"data": data, "plan": plan, "rows": rows, "base": base, "tokenizer": tokenizer, "retain_eval": retain_eval,
             "retain_ratios": ratios, "base_eval": base_eval}
+
+
+def unseen_retain_rows(pipe: dict[str, Any], n: int) -> list[dict]:
+    """``n`` TOFU retain90 rows (seeded) that no model here was trained on and no evaluation split holds: not in
+    retain_perturbed (the retain evaluation's pool), so never an evaluation row."""
+    if n <= 0:
+        return []
+    import random
+
+    from grun_fast.data.loading import load_tofu
+
+    held = {r["question"] for r in load_tofu("retain_perturbed", pipe["data"])}
+    held |= {r["question"] for rows in pipe["rows"]["eval_splits"].values() for r in rows}
+    pool = [r for r in load_tofu("retain90", pipe["data"]) if r["question"] not in held]
+    return random.Random(pipe["plan"].seed).sample(pool, min(n, len(pool)))
 
 
 def _cached_eval(cache: Path, model, role: str, split: str, compute) -> dict[str, Any]:
@@ -167,11 +186,12 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     factor = overrides.pop("steps_factor", 1)
     threshold = overrides.pop("gate_threshold", None)
     base, rows = pipe["base"], pipe["rows"]
+    retain = rows["retain"] + unseen_retain_rows(pipe, overrides.pop("unseen_retain_rows", 0))
     if overrides.pop("library_defaults", False):
-        result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed, progress=False,
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)
     else:
-        result = unlearn(base, pipe["tokenizer"], rows["forget"], rows["retain"], seed=seed,
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed,
                          max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
     try:
         if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited

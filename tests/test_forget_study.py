@@ -47,3 +47,22 @@ def test_weakest_utility_number_is_named():
     splits["world_facts"]["probability"] = 0.25
     assert fs._weakest({"splits": splits}) == "world_facts/probability=0.250"
     assert fs._weakest({"splits": {}}) is None
+
+
+def test_unseen_retain_rows_are_never_evaluation_or_training_rows(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    def write(split, questions):
+        (tmp_path / f"{split}.json").write_text(
+            "".join(json.dumps({"question": q, "answer": "a"}) + "\n" for q in questions))
+    write("retain90", [f"q{i}" for i in range(10)])
+    write("retain_perturbed", ["q0", "q1"])            # the retain evaluation's pool
+    eval_splits = {"forget": [{"question": "q2"}], "world_facts": [{"question": "q3"}]}
+    pipe = {"data": str(tmp_path), "plan": SimpleNamespace(seed=0), "rows": {"eval_splits": eval_splits}}
+    rows = fs.unseen_retain_rows(pipe, 4)
+    assert len(rows) == 4 and len({r["question"] for r in rows}) == 4
+    assert not {r["question"] for r in rows} & {"q0", "q1", "q2", "q3"}
+    assert rows == fs.unseen_retain_rows(pipe, 4)       # seeded
+    assert len(fs.unseen_retain_rows(pipe, 100)) == 6   # as many as there are
+    assert fs.unseen_retain_rows(pipe, 0) == []
