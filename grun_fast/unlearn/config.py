@@ -113,7 +113,7 @@ class UnlearnConfig:
         for name in ("epochs", "max_steps", "save_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise GRUNError(f"{name} must be None or an integer >= 1, got {value!r}")
+                raise GRUNError(f"{name} must be an integer >= 1 (or unset, for the default), got {value!r}")
         for name in ("lr", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio"):
             _check_number(name, getattr(self, name))
         for name in ("lambda_r", "forget_scale", "beta"):
