@@ -144,6 +144,9 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         self.grun_config = grun_config
         self.reference = reference            # NPO: S_ref per forget row
         self.retain_reference = retain_reference  # the frozen model's summed NLL per retain example
+        if retain_reference is None and grun_config.method != "rmu":
+            raise ValueError("GRUNTrainer needs retain_reference (the frozen model's NLL per retain example) for "
+                             f"method {grun_config.method!r}")
         self.pad_token_id = pad_token_id
         self.loss_is_scaled_for_ga = False
         self._sums: dict[str, float] = {}
@@ -279,8 +282,6 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             counts = self._global_sum(torch.stack([(labels[:nf, 1:] != IGNORE_INDEX).sum(),
                                                    (labels[nf:, 1:] != IGNORE_INDEX).sum()]).float())
             denom = counts / world   # local sums over the global count per process: DDP's mean = the global mean
-            if self.retain_reference is None:
-                raise RuntimeError("GRUNTrainer needs retain_reference (the frozen model's NLL per retain example)")
             r_ref = self.retain_reference.to(nll.device)[inputs["retain_index"].to(nll.device)]
             retain = retain_loss_from_nll(nll[nf:], r_ref, denom[1])
             if cfg.method == "gd":
