@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    from grun_fast.demo import _check_writable
+
+    _check_writable(Path(args.cache))  # before any training: a clear error, and a fresh machine has no cache yet
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     for split in args.split or ["forget01", "forget05"]:

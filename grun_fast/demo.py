@@ -224,6 +224,7 @@ def cached_model(cache: Path, role: str, rows: list[dict], plan: Plan, tokenizer
         tok = tokenizer or PreTrainedTokenizerFast.from_pretrained(folder)
         return model, tok
     start = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache folder yet
     model, tok = train_tiny_base(rows, hidden_size=plan.hidden_size, num_layers=plan.num_layers,
                                  epochs=plan.base_epochs, seed=plan.seed, tokenizer=tokenizer, progress=True,
                                  desc=f"      {role} model")

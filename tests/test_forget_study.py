@@ -66,3 +66,29 @@ def test_unseen_retain_rows_are_never_evaluation_or_training_rows(tmp_path):
     assert rows == fs.unseen_retain_rows(pipe, 4)       # seeded
     assert len(fs.unseen_retain_rows(pipe, 100)) == 6   # as many as there are
     assert fs.unseen_retain_rows(pipe, 0) == []
+
+
+def test_cached_model_creates_a_missing_cache_folder_and_reuses_it(tmp_path):
+    """A fresh machine has no ~/.cache/grun_fast: the study (which, unlike the demo, reaches cached_model
+    directly) once failed there after training the base model."""
+    from grun_fast.demo import Plan, cached_model
+
+    rows = [{"question": f"Who is author {i}?", "answer": f"Author {i} writes books."} for i in range(4)]
+    plan = Plan(hidden_size=32, num_layers=2, base_epochs=1)
+    cache = tmp_path / "fresh" / "cache"
+    model, tok = cached_model(cache, "base", rows, plan)
+    saved = [p for p in cache.iterdir() if p.name.startswith("demo-base-")]
+    assert len(saved) == 1 and (saved[0] / "config.json").exists()
+    again, _ = cached_model(cache, "base", rows, plan)     # from the cache: the same weights
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_study_refuses_an_unwritable_cache_before_any_work(tmp_path):
+    from grun_fast.errors import GRUNError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(GRUNError, match="cannot write"):
+        fs.main(["--data", str(tmp_path), "--cache", str(blocker / "cache"), "--settings", "default",
+                 "--csv", str(tmp_path / "out.csv")])
+    assert not (tmp_path / "out.csv").exists()
