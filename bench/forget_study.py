@@ -55,6 +55,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # evaluation's retain_perturbed): more varied questions for the gate to stay closed on; the retain term only
     # asks the edit not to change the base's answers to them
     "default/unseen-retain200": {"library_defaults": True, "unseen_retain_rows": 200},
+    # gate negatives: 80 more retain rows unlike the forget rows, for the gate to stay closed on (`negatives`,
+    # see negative_rows); "general" rows are world-facts/real-authors rows outside the evaluation's
+    "default/shuffled80": {"library_defaults": True, "negatives": "shuffled:80"},
+    "default/noise80": {"library_defaults": True, "negatives": "noise:80"},
+    "default/general80": {"library_defaults": True, "negatives": "general:80"},
+    "npo/all/120ep/shuffled80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
+                                 "negatives": "shuffled:80"},
+    "npo/all/120ep/noise80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
+                              "negatives": "noise:80"},
+    "npo/all/120ep/general80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
+                                "negatives": "general:80"},
     "gd": {"method": "gd", "positions": "last_prompt"},
     "npo": {"method": "npo", "positions": "last_prompt"},
     "simnpo": {"method": "simnpo", "positions": "last_prompt"},
@@ -110,6 +121,39 @@ def unseen_retain_rows(pipe: dict[str, Any], n: int) -> list[dict]:
     held |= {r["question"] for rows in pipe["rows"]["eval_splits"].values() for r in rows}
     pool = [r for r in load_tofu("retain90", pipe["data"]) if r["question"] not in held]
     return random.Random(pipe["plan"].seed).sample(pool, min(n, len(pool)))
+
+
+def negative_rows(pipe: dict[str, Any], spec: str, seed: int) -> list[dict]:
+    """Extra retain rows for the gate to stay closed on, ``"kind:n"`` (seeded by the adapter's seed):
+    ``shuffled``: questions and answers of words drawn from the forget and retain rows (the same words, no
+    meaning); ``noise``: random token ids of the tokenizer; ``general``: TOFU world-facts/real-authors rows that
+    no evaluation split holds and no model here was trained on (the "general text" a deployment's retain set
+    would hold). None is an evaluation row."""
+    import random
+
+    kind, n = spec.split(":")
+    rng, rows, out = random.Random(seed + 123), pipe["rows"], []
+    if kind == "shuffled":
+        words = [w for r in rows["retain"] + rows["forget"] for w in (r["question"] + " " + r["answer"]).split()]
+        for _ in range(int(n)):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) + "?"
+            out.append({"question": q, "answer": " ".join(rng.choice(words) for _ in range(rng.randint(6, 20))) + "."})
+    elif kind == "noise":
+        tok = pipe["tokenizer"]
+        for _ in range(int(n)):
+            q, a = ([rng.randrange(len(tok)) for _ in range(rng.randint(lo, hi))] for lo, hi in ((6, 14), (6, 20)))
+            out.append({"question": tok.decode(q, skip_special_tokens=True),
+                        "answer": tok.decode(a, skip_special_tokens=True)})
+    elif kind == "general":
+        from grun_fast.data.loading import load_tofu
+
+        held = {r["question"] for split_rows in rows["eval_splits"].values() for r in split_rows}
+        pool = [{"question": r["question"], "answer": r["answer"]} for k in ("world_facts", "real_authors")
+                for r in load_tofu(k, pipe["data"]) if r["question"] not in held]
+        out = rng.sample(pool, min(int(n), len(pool)))
+    else:
+        raise ValueError(f"unknown negatives {spec!r}")
+    return out
 
 
 def _cached_eval(cache: Path, model, role: str, split: str, compute) -> dict[str, Any]:
@@ -187,6 +231,8 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     threshold = overrides.pop("gate_threshold", None)
     base, rows = pipe["base"], pipe["rows"]
     retain = rows["retain"] + unseen_retain_rows(pipe, overrides.pop("unseen_retain_rows", 0))
+    if "negatives" in overrides:
+        retain += negative_rows(pipe, overrides.pop("negatives"), seed)
     if overrides.pop("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)

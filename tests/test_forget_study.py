@@ -92,3 +92,27 @@ def test_study_refuses_an_unwritable_cache_before_any_work(tmp_path):
         fs.main(["--data", str(tmp_path), "--cache", str(blocker / "cache"), "--settings", "default",
                  "--csv", str(tmp_path / "out.csv")])
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_negative_rows_are_seeded_and_never_evaluation_rows(tmp_path):
+    import json
+
+    def write(split, rows):
+        (tmp_path / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split in ("world_facts", "real_authors"):
+        write(split, [{"question": f"{split} q{i}", "answer": "a"} for i in range(5)])
+    eval_splits = {"forget": [{"question": "fq", "answer": "fa"}],
+                   "world_facts": [{"question": "world_facts q0", "answer": "a"}]}
+    rows = {"forget": eval_splits["forget"], "retain": [{"question": "rq one", "answer": "ra two"}],
+            "eval_splits": eval_splits}
+    pipe = {"data": str(tmp_path), "rows": rows,
+            "tokenizer": type("T", (), {"__len__": lambda self: 50, "decode": lambda self, ids, **k: str(ids)})()}
+    general = fs.negative_rows(pipe, "general:100", seed=0)
+    assert len(general) == 9 and "world_facts q0" not in {r["question"] for r in general}  # 10 minus the held one
+    shuffled = fs.negative_rows(pipe, "shuffled:3", seed=0)
+    words = {"fq", "fa", "rq", "one", "ra", "two"}
+    assert len(shuffled) == 3 and all(set(r["question"][:-1].split()) <= words for r in shuffled)
+    assert shuffled == fs.negative_rows(pipe, "shuffled:3", seed=0) != fs.negative_rows(pipe, "shuffled:3", seed=1)
+    assert len(fs.negative_rows(pipe, "noise:4", seed=0)) == 4
+    with pytest.raises(ValueError, match="unknown negatives"):
+        fs.negative_rows(pipe, "wikitext:3", seed=0)
