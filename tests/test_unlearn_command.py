@@ -86,3 +86,17 @@ def test_unlearn_command_tofu_split_defaults_retain(setup, tmp_path, capsys):
             "--max-length", "64", "--no-progress"]
     assert main(args) == 0
     assert "unlearning 40 rows (forget01) keeping 3960 (retain99)" in capsys.readouterr().err
+
+
+def test_unlearn_command_takes_several_retain_sources(setup, tmp_path, capsys):
+    """--retain repeats: general text joins the retain rows (the tiny TOFU forget05 study: world-facts rows
+    outside the evaluation kept the gate shut on general questions, model utility 0.69 -> 0.82)."""
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{2 * i}."}) + "\n"
+                               for i in range(7)))
+    retain_rows = sum(1 for _ in (setup / "retain.jsonl").open())
+    assert main(common(setup, tmp_path / "o", "--retain", str(general))) == 0
+    err = capsys.readouterr().err
+    assert f"keeping {retain_rows + 7} ({setup / 'retain.jsonl'} + {general})" in err
+    assert main(common(setup, tmp_path / "o2", "--retain", str(tmp_path / "missing.jsonl"))) == 2
+    assert "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "o2").exists()

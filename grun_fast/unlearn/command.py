@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--forget", required=True,
                     help="rows to forget: a .jsonl/.json/.csv file (question, answer), a .txt/.md document or "
                          "folder of them, or a TOFU split name (forget01, ...) looked up in --data")
-    io.add_argument("--retain", help="rows to keep: same forms (default for TOFU forgetNN: retain(100-NN))")
+    io.add_argument("--retain", action="append",
+                    help="rows to keep: same forms (default for TOFU forgetNN: retain(100-NN)); repeat it to add "
+                         "general text the gate must stay closed on, e.g. --retain retain95 --retain general.jsonl")
     io.add_argument("--data", help="TOFU folder or 'locuslab/TOFU' (default: $GRUN_TOFU_DIR)")
     io.add_argument("--chunk-words", type=int, default=128, help="document chunk length in words")
     io.add_argument("--prefix-words", type=int, default=16,
@@ -133,13 +135,14 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(path).is_dir():
             raise GRUNError(f"--apply {spec}: no adapter folder {path}")
         applied.append((path, name or Path(path).name))
-    retain_spec = args.retain or _default_retain(args.forget)
-    if retain_spec is None:
+    retain_specs = args.retain or [_default_retain(args.forget)]
+    if retain_specs == [None]:
         raise GRUNError("--retain is required (rows the model must keep answering)")
+    retain_spec = " + ".join(retain_specs)
     prefix = args.prefix_words or None
     try:
         forget = load_rows(args.forget, args.data, args.chunk_words, prefix)
-        retain = load_rows(retain_spec, args.data, args.chunk_words, prefix)
+        retain = [row for spec in retain_specs for row in load_rows(spec, args.data, args.chunk_words, prefix)]
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise GRUNError(str(e)) from None
 
