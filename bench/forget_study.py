@@ -383,6 +383,12 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
             ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
         ax.axhline(0.01, ls=":", c="grey", lw=1)
         ax.set_yscale("log")
+        if rows:   # the study's target region: forget quality >= 0.01, model utility >= 0.9x the base's
+            (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+            ax.fill_between([0.9 * ref["base_model_utility"], x1], 0.01, y1, color="g", alpha=0.08,
+                            label="targets (FQ, MU)")
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
         ax.set_xlabel("model utility")
         ax.set_ylabel("forget quality (KS p)")
         ax.set_title(f"TOFU {split}, tiny pipeline (median over seeds)", fontsize=9)
