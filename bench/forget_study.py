@@ -36,6 +36,9 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
           "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest",
           "format_gate_forget_min", "format_gate_retain_max"]
 
+# NPO at every token for 120 epochs (1500 steps on forget05): the base of the gate-negative settings below
+NPO_ALL_120EP: dict[str, Any] = {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120}
+
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
     # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
@@ -60,24 +63,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default/shuffled80": {"library_defaults": True, "negatives": "shuffled:80"},
     "default/noise80": {"library_defaults": True, "negatives": "noise:80"},
     "default/general80": {"library_defaults": True, "negatives": "general:80"},
-    "npo/all/120ep/shuffled80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                 "negatives": "shuffled:80"},
-    "npo/all/120ep/noise80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                              "negatives": "noise:80"},
-    "npo/all/120ep/general80": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                "negatives": "general:80"},
-    "npo/all/120ep/general160": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                 "negatives": "general:160"},
-    "npo/all/120ep/general80/rank16": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                       "rank": 16, "negatives": "general:80"},
-    "npo/all/120ep/general80/rank64": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                       "rank": 64, "negatives": "general:80"},
-    "npo/all/120ep/general160/rank64": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                        "rank": 64, "negatives": "general:160"},
-    "npo/all/120ep/general160/rank128": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                         "rank": 128, "negatives": "general:160"},
-    "npo/all/120ep/general160/rank16": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                                        "rank": 16, "negatives": "general:160"},
+    "npo/all/120ep/shuffled80": {**NPO_ALL_120EP, "negatives": "shuffled:80"},
+    "npo/all/120ep/noise80": {**NPO_ALL_120EP, "negatives": "noise:80"},
+    "npo/all/120ep/general80": {**NPO_ALL_120EP, "negatives": "general:80"},
+    "npo/all/120ep/general160": {**NPO_ALL_120EP, "negatives": "general:160"},
+    "npo/all/120ep/general80/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:80"},
+    "npo/all/120ep/general80/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:80"},
+    "npo/all/120ep/general160/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:160"},
+    "npo/all/120ep/general160/rank128": {**NPO_ALL_120EP, "rank": 128, "negatives": "general:160"},
+    "npo/all/120ep/general160/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:160"},
     "gd": {"method": "gd", "positions": "last_prompt"},
     "npo": {"method": "npo", "positions": "last_prompt"},
     "simnpo": {"method": "simnpo", "positions": "last_prompt"},
@@ -120,6 +114,11 @@ def pipeline(data: str, split: str, cache: Path, retain_rows: int) -> dict[str, 
             "retain_ratios": ratios, "base_eval": base_eval}
 
 
+def _evaluation_questions(pipe: dict[str, Any]) -> set[str]:
+    """Every question some evaluation split of this pipeline scores."""
+    return {r["question"] for rows in pipe["rows"]["eval_splits"].values() for r in rows}
+
+
 def unseen_retain_rows(pipe: dict[str, Any], n: int) -> list[dict]:
     """``n`` TOFU retain90 rows (seeded) that no model here was trained on and no evaluation split holds: not in
     retain_perturbed (the retain evaluation's pool), so never an evaluation row."""
@@ -129,8 +128,7 @@ def unseen_retain_rows(pipe: dict[str, Any], n: int) -> list[dict]:
 
     from grun_fast.data.loading import load_tofu
 
-    held = {r["question"] for r in load_tofu("retain_perturbed", pipe["data"])}
-    held |= {r["question"] for rows in pipe["rows"]["eval_splits"].values() for r in rows}
+    held = {r["question"] for r in load_tofu("retain_perturbed", pipe["data"])} | _evaluation_questions(pipe)
     pool = [r for r in load_tofu("retain90", pipe["data"]) if r["question"] not in held]
     return random.Random(pipe["plan"].seed).sample(pool, min(n, len(pool)))
 
@@ -159,7 +157,7 @@ def negative_rows(pipe: dict[str, Any], spec: str, seed: int) -> list[dict]:
     elif kind == "general":
         from grun_fast.data.loading import load_tofu
 
-        held = {r["question"] for split_rows in rows["eval_splits"].values() for r in split_rows}
+        held = _evaluation_questions(pipe)
         pool = [{"question": r["question"], "answer": r["answer"]} for k in ("world_facts", "real_authors")
                 for r in load_tofu(k, pipe["data"]) if r["question"] not in held]
         out = rng.sample(pool, min(int(n), len(pool)))
