@@ -69,6 +69,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/all/120ep/general160": {**NPO_ALL_120EP, "negatives": "general:160"},
     "npo/all/120ep/general80/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:80"},
     "npo/all/120ep/general80/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:80"},
+    "npo/all/160ep/general80/rank64": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80"},
     "npo/all/120ep/general160/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:160"},
     "npo/all/120ep/general160/rank128": {**NPO_ALL_120EP, "rank": 128, "negatives": "general:160"},
     "npo/all/120ep/general160/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:160"},
