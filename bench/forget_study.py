@@ -70,6 +70,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/all/120ep/general80/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:80"},
     "npo/all/120ep/general80/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:80"},
     "npo/all/160ep/general80/rank64": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80"},
+    "npo/all/240ep/general80/rank64": {**NPO_ALL_120EP, "epochs": 240, "rank": 64, "negatives": "general:80"},
+    # NPO's pull fades once the forget answer is far below the reference (beta * excess NLL >> 1); a lower beta
+    # keeps it pulling for longer
+    "npo/all/160ep/general80/rank64/beta0.02": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
+                                                "beta": 0.02},
     "npo/all/120ep/general160/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:160"},
     "npo/all/120ep/general160/rank128": {**NPO_ALL_120EP, "rank": 128, "negatives": "general:160"},
     "npo/all/120ep/general160/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:160"},
@@ -231,20 +236,40 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
             "format_gate_retain_max": max(v["gates"]["retain"] for v in result["variants"].values())}
 
 
+# setting keys the study reads itself; every other key is an UnlearnConfig field
+STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives")
+
+
+def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the study's own options, the UnlearnConfig overrides) of one setting; the overrides are checked by
+    building the config, so that a typo fails before any model is trained."""
+    from grun_fast.errors import GRUNError
+    from grun_fast.unlearn.config import UnlearnConfig
+
+    setting = SETTINGS[name]
+    study = {k: v for k, v in setting.items() if k in STUDY_KEYS}
+    overrides = {k: v for k, v in setting.items() if k not in STUDY_KEYS}
+    try:
+        UnlearnConfig(**overrides)
+    except (TypeError, GRUNError) as e:
+        raise GRUNError(f"forget study setting {name!r}: {e}") from None
+    return study, overrides
+
+
 def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int) -> dict[str, Any]:
     """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row."""
     from grun_fast import patching
     from grun_fast.unlearn import unlearn
     from grun_fast.version import __version__
 
-    overrides = dict(SETTINGS[name])
-    factor = overrides.pop("steps_factor", 1)
-    threshold = overrides.pop("gate_threshold", None)
+    study, overrides = split_setting(name)
+    factor = study.get("steps_factor", 1)
+    threshold = study.get("gate_threshold")
     base, rows = pipe["base"], pipe["rows"]
-    retain = rows["retain"] + unseen_retain_rows(pipe, overrides.pop("unseen_retain_rows", 0))
-    if "negatives" in overrides:
-        retain += negative_rows(pipe, overrides.pop("negatives"), seed)
-    if overrides.pop("library_defaults", False):
+    retain = rows["retain"] + unseen_retain_rows(pipe, study.get("unseen_retain_rows", 0))
+    if "negatives" in study:
+        retain += negative_rows(pipe, study["negatives"], seed)
+    if study.get("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)
     else:
@@ -432,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    for name in names:
+        split_setting(name)
     from grun_fast.demo import _check_writable
 
     _check_writable(Path(args.cache))  # before any training: a clear error, and a fresh machine has no cache yet

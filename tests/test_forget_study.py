@@ -7,6 +7,7 @@ import csv
 import pytest
 
 from bench import forget_study as fs
+from grun_fast.errors import GRUNError
 
 
 def _row(setting: str, seed: int, fq: float) -> dict:
@@ -116,3 +117,13 @@ def test_negative_rows_are_seeded_and_never_evaluation_rows(tmp_path):
     assert len(fs.negative_rows(pipe, "noise:4", seed=0)) == 4
     with pytest.raises(ValueError, match="unknown negatives"):
         fs.negative_rows(pipe, "wikitext:3", seed=0)
+
+
+def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work(monkeypatch, tmp_path):
+    for name in fs.SETTINGS:
+        own, overrides = fs.split_setting(name)
+        assert set(own) <= set(fs.STUDY_KEYS) and not set(overrides) & set(fs.STUDY_KEYS)
+    monkeypatch.setitem(fs.SETTINGS, "typo", {"method": "npo", "rnak": 64})
+    with pytest.raises(GRUNError, match="'typo'.*rnak"):
+        fs.main(["--data", str(tmp_path / "no-data"), "--settings", "typo", "--cache", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
