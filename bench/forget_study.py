@@ -397,22 +397,36 @@ def write_report(path: Path = CSV) -> list[Path]:
     return [md_path, plot(entries, path.with_suffix(".png"))]
 
 
+def _pareto_front(points: list[tuple[float, float]]) -> set[tuple[float, float]]:
+    """The (model utility, forget quality) points no other point beats on both (ties on both kept)."""
+    return {p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)}
+
+
 def plot(entries: list[dict[str, Any]], path: Path) -> Path:
-    """Forget quality (log) against model utility, one panel per split, base and retain model marked."""
+    """Forget quality (log) against model utility, one panel per split, base and retain model marked; only the
+    settings on the trade-off front (and the default) are named, the rest are grey dots."""
     from grun_fast.evaluation.report import _pyplot, _save_figure
 
     plt = _pyplot()
     splits = sorted({m["split"] for m in entries})
-    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False,
+                             gridspec_kw={"wspace": 0.3})
     for ax, split in zip(axes[0], splits):
         rows = [m for m in entries if m["split"] == split and m.get("forget_quality") is not None]
         points: dict[tuple[float, float], list[str]] = {}   # settings that land on the same point share a label
         for m in rows:
             points.setdefault((m["model_utility"], m["forget_quality"]), []).append(m["setting"])
-        for (x, y), names in points.items():
+        front = _pareto_front(list(points))
+        named = 0
+        for (x, y), names in sorted(points.items()):
+            if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
+                ax.scatter(x, y, s=14, c="0.7")
+                continue
             ax.scatter(x, y, s=30)
             ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+                        xytext=(3, 3 if named % 2 == 0 else -10), textcoords="offset points")   # neighbours alternate
+            named += 1
+        ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
         if rows:
             ref = rows[0]
             ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")

@@ -127,3 +127,8 @@ def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work
     with pytest.raises(GRUNError, match="'typo'.*rnak"):
         fs.main(["--data", str(tmp_path / "no-data"), "--settings", "typo", "--cache", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
+
+
+def test_pareto_front_keeps_only_points_no_other_beats_on_both():
+    pts = [(0.9, 1e-3), (0.8, 1e-1), (0.85, 1e-4), (0.7, 1e-1), (0.9, 1e-3)]
+    assert fs._pareto_front(pts) == {(0.9, 1e-3), (0.8, 1e-1)}
