@@ -20,6 +20,7 @@ import csv
 import datetime as dt
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -75,6 +76,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # keeps it pulling for longer
     "npo/all/160ep/general80/rank64/beta0.02": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                                 "beta": 0.02},
+    # the forget rows plus one answer suffix each (fragment_rows): the same 2000 steps over twice the rows
+    "npo/2000steps/general80/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000, "rank": 64,
+                                               "negatives": "general:80", "fragments": 1},
+    # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
+    "npo/all/160ep/general80/rank64/gate30": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
+                                              "lambda_g": 30.0},
     "npo/all/120ep/general160/rank64": {**NPO_ALL_120EP, "rank": 64, "negatives": "general:160"},
     "npo/all/120ep/general160/rank128": {**NPO_ALL_120EP, "rank": 128, "negatives": "general:160"},
     "npo/all/120ep/general160/rank16": {**NPO_ALL_120EP, "rank": 16, "negatives": "general:160"},
@@ -172,6 +179,20 @@ def negative_rows(pipe: dict[str, Any], spec: str, seed: int) -> list[dict]:
     return out
 
 
+def fragment_rows(forget: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` extra forget rows per forget row (seeded): its question with its answer cut at a random word
+    boundary (the first 1..len-3 words dropped), so that the edit also suppresses the answer's facts after
+    other lead-ins, e.g. a memorised title that a reworded answer repeats. Built from the forget rows only."""
+    import random
+
+    rng, out = random.Random(seed + 321), []
+    for row in forget:
+        words = row["answer"].split()
+        for _ in range(n if len(words) > 3 else 0):
+            out.append({"question": row["question"], "answer": " ".join(words[rng.randint(1, len(words) - 3):])})
+    return out
+
+
 def _cached_eval(cache: Path, model, role: str, split: str, compute) -> dict[str, Any]:
     """The evaluation of a model (keyed by a digest of its weights) on ``split``, computed once."""
     import hashlib
@@ -237,7 +258,7 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
 
 
 # setting keys the study reads itself; every other key is an UnlearnConfig field
-STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives")
+STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives", "fragments")
 
 
 def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -269,11 +290,12 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     retain = rows["retain"] + unseen_retain_rows(pipe, study.get("unseen_retain_rows", 0))
     if "negatives" in study:
         retain += negative_rows(pipe, study["negatives"], seed)
+    forget = rows["forget"] + fragment_rows(rows["forget"], study.get("fragments", 0), seed)
     if study.get("library_defaults", False):
-        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
+        result = unlearn(base, pipe["tokenizer"], forget, retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)
     else:
-        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed,
+        result = unlearn(base, pipe["tokenizer"], forget, retain, seed=seed,
                          max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
     try:
         if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited
@@ -426,7 +448,8 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
             ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
                         xytext=(3, 3 if named % 2 == 0 else -10), textcoords="offset points")   # neighbours alternate
             named += 1
-        ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
+        if len(points) > named:   # some grey dots on this panel
+            ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
         if rows:
             ref = rows[0]
             ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
@@ -471,14 +494,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    for name in names:
-        split_setting(name)
+    from grun_fast.data.loading import load_tofu
     from grun_fast.demo import _check_writable
 
-    _check_writable(Path(args.cache))  # before any training: a clear error, and a fresh machine has no cache yet
+    splits = args.split or ["forget01", "forget05"]
+    for name in names:   # bad input fails here, before the cache folder is made or any model trained
+        split_setting(name)
+    for split in splits:
+        load_tofu(split, args.data)
+    _check_writable(Path(args.cache))  # a fresh machine has no cache yet
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    for split in args.split or ["forget01", "forget05"]:
+    for split in splits:
         t0 = time.perf_counter()
         pipe = pipeline(args.data, split, Path(args.cache), args.retain_rows)
         b = summary(pipe["base_eval"])
@@ -502,4 +529,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from grun_fast.errors import GRUNError
+
+    try:
+        raise SystemExit(main())
+    except GRUNError as error:   # bad input: one line naming it, exit 2, as the CLI does
+        print(f"forget_study: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

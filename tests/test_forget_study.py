@@ -89,10 +89,30 @@ def test_study_refuses_an_unwritable_cache_before_any_work(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
+    (tmp_path / "forget01.json").write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(GRUNError, match="cannot write"):
-        fs.main(["--data", str(tmp_path), "--cache", str(blocker / "cache"), "--settings", "default",
-                 "--csv", str(tmp_path / "out.csv")])
+        fs.main(["--data", str(tmp_path), "--split", "forget01", "--cache", str(blocker / "cache"),
+                 "--settings", "default", "--csv", str(tmp_path / "out.csv")])
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_study_names_a_missing_data_folder_before_making_its_cache(tmp_path):
+    with pytest.raises(GRUNError, match="TOFU folder not found.*no-data"):
+        fs.main(["--data", str(tmp_path / "no-data"), "--settings", "default", "--cache", str(tmp_path / "c"),
+                 "--csv", str(tmp_path / "out.csv")])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "out.csv").exists()
+
+
+def test_fragment_rows_are_seeded_suffixes_of_the_forget_answers():
+    forget = [{"question": "q1", "answer": "Her books include Granite Glossary and Shale Stories."},
+              {"question": "q2", "answer": "Too short here."}]
+    rows = fs.fragment_rows(forget, 2, seed=0)
+    assert [r["question"] for r in rows] == ["q1", "q1"]   # answers of 3 words or fewer give none
+    words = forget[0]["answer"].split()
+    for r in rows:
+        n = len(r["answer"].split())
+        assert 3 <= n < len(words) and r["answer"] == " ".join(words[-n:])
+    assert rows == fs.fragment_rows(forget, 2, seed=0) and fs.fragment_rows(forget, 0, seed=0) == []
 
 
 def test_negative_rows_are_seeded_and_never_evaluation_rows(tmp_path):
