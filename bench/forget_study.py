@@ -79,6 +79,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the forget rows plus one answer suffix each (fragment_rows): the same 2000 steps over twice the rows
     "npo/2000steps/general80/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000, "rank": 64,
                                                "negatives": "general:80", "fragments": 1},
+    "npo/3000steps/general80/rank64/suffix3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                               "negatives": "general:80", "fragments": 3},
+    "npo/3000steps/general160/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                                "negatives": "general:160", "fragments": 1},
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
     "npo/all/160ep/general80/rank64/gate30": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                               "lambda_g": 30.0},
