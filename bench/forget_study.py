@@ -76,13 +76,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # keeps it pulling for longer
     "npo/all/160ep/general80/rank64/beta0.02": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                                 "beta": 0.02},
-    # the forget rows plus one answer suffix each (fragment_rows): the same 2000 steps over twice the rows
+    # the forget rows plus answer suffixes (UnlearnConfig.answer_suffixes): 1 each, 2000 steps over twice the rows
     "npo/2000steps/general80/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000, "rank": 64,
-                                               "negatives": "general:80", "fragments": 1},
+                                               "negatives": "general:80", "answer_suffixes": 1},
     "npo/3000steps/general80/rank64/suffix3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                               "negatives": "general:80", "fragments": 3},
+                                               "negatives": "general:80", "answer_suffixes": 3},
     "npo/3000steps/general160/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                "negatives": "general:160", "fragments": 1},
+                                                "negatives": "general:160", "answer_suffixes": 1},
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
     "npo/all/160ep/general80/rank64/gate30": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                               "lambda_g": 30.0},
@@ -183,20 +183,6 @@ def negative_rows(pipe: dict[str, Any], spec: str, seed: int) -> list[dict]:
     return out
 
 
-def fragment_rows(forget: list[dict], n: int, seed: int) -> list[dict]:
-    """``n`` extra forget rows per forget row (seeded): its question with its answer cut at a random word
-    boundary (the first 1..len-3 words dropped), so that the edit also suppresses the answer's facts after
-    other lead-ins, e.g. a memorised title that a reworded answer repeats. Built from the forget rows only."""
-    import random
-
-    rng, out = random.Random(seed + 321), []
-    for row in forget:
-        words = row["answer"].split()
-        for _ in range(n if len(words) > 3 else 0):
-            out.append({"question": row["question"], "answer": " ".join(words[rng.randint(1, len(words) - 3):])})
-    return out
-
-
 def _cached_eval(cache: Path, model, role: str, split: str, compute) -> dict[str, Any]:
     """The evaluation of a model (keyed by a digest of its weights) on ``split``, computed once."""
     import hashlib
@@ -262,7 +248,7 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
 
 
 # setting keys the study reads itself; every other key is an UnlearnConfig field
-STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives", "fragments")
+STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives")
 
 
 def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -294,12 +280,11 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     retain = rows["retain"] + unseen_retain_rows(pipe, study.get("unseen_retain_rows", 0))
     if "negatives" in study:
         retain += negative_rows(pipe, study["negatives"], seed)
-    forget = rows["forget"] + fragment_rows(rows["forget"], study.get("fragments", 0), seed)
     if study.get("library_defaults", False):
-        result = unlearn(base, pipe["tokenizer"], forget, retain, seed=seed, progress=False,
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)
     else:
-        result = unlearn(base, pipe["tokenizer"], forget, retain, seed=seed,
+        result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed,
                          max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
     try:
         if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited

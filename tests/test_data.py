@@ -11,7 +11,7 @@ from grun_fast.data import (IGNORE_INDEX, PLAIN_TEMPLATE, REFUSALS, ForgetSchedu
                             chunk_document, encode_example, encode_rows, format_prompt, general_knowledge,
                             load_documents, load_qa_file, load_rows, load_tofu, make_authors, make_benchmark,
                             pad_examples, prompt_ids, row_prompt, split_by_author, tokenize_rows,
-                            validate_rows, with_refusals)
+                            validate_rows, with_answer_suffixes, with_refusals)
 from grun_fast.testing import make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +282,22 @@ def test_refusals():
     assert all(r["answer"] in REFUSALS and r["original_answer"] == o["answer"] for r, o in zip(idk, rows))
     assert len({r["answer"] for r in idk}) > 5
     assert rows[0]["answer"] not in REFUSALS  # the input is not modified
+
+
+def test_answer_suffixes_are_seeded_later_starts_of_the_forget_answers():
+    rows = [{"question": "q1", "answer": "Her books include Granite Glossary and Shale Stories.", "id": 7},
+            {"question": "q2", "answer": "Too short here."}]
+    out = with_answer_suffixes(rows, 3, seed=0)
+    assert out[:2] == rows and len(out) == 5       # answers of 3 words or fewer get no suffixes
+    words = rows[0]["answer"].split()
+    for r in out[2:]:
+        n = len(r["answer"].split())
+        assert 3 <= n < len(words) and r["answer"] == " ".join(words[-n:]) and r["question"] == "q1" and r["id"] == 7
+    assert len({r["answer"] for r in with_answer_suffixes(rows, 20, seed=0)}) > 3   # starts vary
+    assert out == with_answer_suffixes(rows, 3, seed=0) != with_answer_suffixes(rows, 3, seed=1)
+    assert with_answer_suffixes(rows, 0) == rows and rows[0]["answer"].startswith("Her")   # input unchanged
+    with pytest.raises(ValueError, match="integer >= 0"):
+        with_answer_suffixes(rows, -1)
 
 
 # ---------------------------------------------------------------- pairing

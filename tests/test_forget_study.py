@@ -103,18 +103,6 @@ def test_study_names_a_missing_data_folder_before_making_its_cache(tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "out.csv").exists()
 
 
-def test_fragment_rows_are_seeded_suffixes_of_the_forget_answers():
-    forget = [{"question": "q1", "answer": "Her books include Granite Glossary and Shale Stories."},
-              {"question": "q2", "answer": "Too short here."}]
-    rows = fs.fragment_rows(forget, 2, seed=0)
-    assert [r["question"] for r in rows] == ["q1", "q1"]   # answers of 3 words or fewer give none
-    words = forget[0]["answer"].split()
-    for r in rows:
-        n = len(r["answer"].split())
-        assert 3 <= n < len(words) and r["answer"] == " ".join(words[-n:])
-    assert rows == fs.fragment_rows(forget, 2, seed=0) and fs.fragment_rows(forget, 0, seed=0) == []
-
-
 def test_negative_rows_are_seeded_and_never_evaluation_rows(tmp_path):
     import json
 

@@ -1,6 +1,7 @@
 """The GRUN trainer on a random tiny Llama: what trains, what stays frozen, checkpoints, resume, bad input."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import grun_fast
 from grun_fast import GRUNError
-from grun_fast.data import format_variants, make_authors, split_by_author, tokenize_rows
+from grun_fast.data import format_variants, make_authors, split_by_author, tokenize_rows, with_answer_suffixes
 from grun_fast.testing import untrained_tiny
 from tests.test_unlearn_runtime import keep_trainers
 from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
@@ -375,6 +376,24 @@ def test_bfloat16_model_and_document_rows(data):
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "grun" not in n)
     R = grun_fast.adapter_modules(model)[1].orthonormal_rotation().float()
     assert torch.allclose(R @ R.T, torch.eye(4), atol=1e-4)
+
+
+def test_answer_suffixes_are_trained_on_as_forget_rows(data, monkeypatch):
+    """With answer_suffixes the run's forget set holds the suffix rows too: epochs count passes over it."""
+    forget, retain = data
+    seen = []
+    real = trainer_module.encode_rows
+
+    def spy(tok, rows, *a, **k):
+        seen.append([r["answer"] for r in rows])
+        return real(tok, rows, *a, **k)
+    monkeypatch.setattr(trainer_module, "encode_rows", spy)
+    model, tok = untrained_tiny(forget + retain, 32, 4)
+    result = unlearn(model, tok, forget, retain, layers=[3], epochs=1, answer_suffixes=2,
+                     augment_formats=False, **FAST)
+    expected = with_answer_suffixes(forget, 2, seed=0)
+    assert len(expected) > len(forget) and seen[0] == [r["answer"] for r in expected]
+    assert result.global_step == math.ceil(len(expected) / FAST["batch_size"])
 
 
 def test_steps_default_floor_and_explicit_epochs():

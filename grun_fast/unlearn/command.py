@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train on the format itself only (default: each row's prompt drawn from its variants: "
                         "trailing space/newline or none, chat with/without system prompt, the bare question)")
 
+    m.add_argument("--answer-suffixes", type=int, default=d.answer_suffixes, metavar="N",
+                   help="per forget row, N extra rows whose answer starts at a later word, so that reworded "
+                        "answers are suppressed too (default 0; not with --method idk)")
+
     h = parser.add_argument_group("training")
     h.add_argument("--epochs", type=int, default=d.epochs,
                    help=f"passes over the forget set (default: {DEFAULT_EPOCHS}, and at least {MIN_DEFAULT_STEPS} steps)")
@@ -107,7 +111,8 @@ def _config(args: argparse.Namespace) -> UnlearnConfig:
         max_grad_norm=args.max_grad_norm, lambda_r=args.lambda_r, lambda_g=args.lambda_g,
         forget_scale=args.forget_scale, beta=args.beta, rmu_coefficient=args.rmu_coefficient,
         rmu_layer=args.rmu_layer, template=parse_template_arg(args.template),
-        augment_formats=not args.no_format_augmentation, max_length=args.max_length, seed=args.seed,
+        augment_formats=not args.no_format_augmentation, answer_suffixes=args.answer_suffixes,
+        max_length=args.max_length, seed=args.seed,
         save_steps=args.save_steps, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
 

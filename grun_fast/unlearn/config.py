@@ -52,6 +52,9 @@ class UnlearnConfig:
     augment_formats: draw each training row's prompt (forget and retain alike, seeded by its position in the
         run) from the variants of the format (``prompts.format_variants``: trailing space/newline or none,
         chat with/without system prompt, the bare question), so the gate learns the content, not the format.
+    answer_suffixes: per forget row, this many extra forget rows whose answer starts at a later word (seeded;
+        ``grun_fast.data.with_answer_suffixes``), so that the edit also suppresses the answer's facts after other
+        lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
@@ -87,6 +90,9 @@ class UnlearnConfig:
     rmu_layer: int | None = None
     template: str = "auto"
     augment_formats: bool = True
+    # 0 by default: on forget05 (tiny TOFU, seed 0, 2000 steps, rank 64, 80 general rows) one suffix per row raised
+    # forget quality 1.8e-4 -> 2.1e-3 but cost model utility (0.83 -> 0.70); see bench/results/forget_study.md
+    answer_suffixes: int = 0
     max_length: int = 256
     seed: int = 0
     save_steps: int | None = None
@@ -131,6 +137,12 @@ class UnlearnConfig:
         for name in ("gradient_checkpointing", "progress", "augment_formats"):
             if not isinstance(getattr(self, name), bool):
                 raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.answer_suffixes, bool) or not isinstance(self.answer_suffixes, int) \
+                or self.answer_suffixes < 0:
+            raise GRUNError(f"answer_suffixes must be an integer >= 0, got {self.answer_suffixes!r}")
+        if self.answer_suffixes and self.method == "idk":
+            raise GRUNError("answer_suffixes needs the forget answers as targets; method 'idk' trains on refusals "
+                            "instead (use 0)")
         if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
             raise GRUNError(f"cache_lower_mb must be an integer >= 0, got {self.cache_lower_mb!r}")
         if not isinstance(self.cache_prefix, bool):

@@ -39,6 +39,7 @@ from grun_fast.data.encoding import IGNORE_INDEX, encode_rows, pad_examples, pad
 from grun_fast.data.loading import validate_rows
 from grun_fast.data.prompts import format_variants, resolve_template, row_prompt
 from grun_fast.data.refusals import with_refusals
+from grun_fast.data.suffixes import with_answer_suffixes
 from grun_fast.errors import GRUNError
 from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, adapter_tensors, disable_adapters,
                                 edit_at, load_adapter_weights, patch, save_adapter, unpatch)
@@ -534,6 +535,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     try:
         if config.method == "idk":
             forget_rows = with_refusals(forget_rows, seed=config.seed)
+        forget_rows = with_answer_suffixes(forget_rows, config.answer_suffixes, seed=config.seed)
         forget_vars = [encode_rows(tokenizer, forget_rows, f, config.max_length) for f in formats]
         retain_vars = [encode_rows(tokenizer, retain_rows, f, config.max_length) for f in formats]
     except ValueError as e:
