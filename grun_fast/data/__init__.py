@@ -15,6 +15,6 @@ __all__ = [
     "pad_examples", "pad_token_id_of", "tokenize_rows", "TOFU_HUB_NAME", "chunk_document", "load_documents",
     "load_qa_file", "load_rows", "load_tofu", "validate_rows", "PLAIN_TEMPLATE", "answer_ids", "format_prompt",
     "format_variants", "resolve_template", "check_template",
-    "prompt_ids", "row_prompt", "REFUSALS", "with_refusals", "with_answer_suffixes", "general_knowledge", "make_authors",
-    "make_benchmark", "split_by_author",
+    "prompt_ids", "row_prompt", "REFUSALS", "with_refusals", "with_answer_suffixes", "general_knowledge",
+    "make_authors", "make_benchmark", "split_by_author",
 ]

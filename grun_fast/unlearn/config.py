@@ -137,14 +137,13 @@ class UnlearnConfig:
         for name in ("gradient_checkpointing", "progress", "augment_formats"):
             if not isinstance(getattr(self, name), bool):
                 raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.answer_suffixes, bool) or not isinstance(self.answer_suffixes, int) \
-                or self.answer_suffixes < 0:
-            raise GRUNError(f"answer_suffixes must be an integer >= 0, got {self.answer_suffixes!r}")
+        for name in ("answer_suffixes", "cache_lower_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise GRUNError(f"{name} must be an integer >= 0, got {value!r}")
         if self.answer_suffixes and self.method == "idk":
             raise GRUNError("answer_suffixes needs the forget answers as targets; method 'idk' trains on refusals "
                             "instead (use 0)")
-        if isinstance(self.cache_lower_mb, bool) or not isinstance(self.cache_lower_mb, int) or self.cache_lower_mb < 0:
-            raise GRUNError(f"cache_lower_mb must be an integer >= 0, got {self.cache_lower_mb!r}")
         if not isinstance(self.cache_prefix, bool):
             raise GRUNError(f"cache_prefix must be True or False, got {self.cache_prefix!r}")
         for name in ("weight_decay", "max_grad_norm", "lambda_g", "lambda_r", "forget_scale"):
