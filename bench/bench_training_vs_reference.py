@@ -83,7 +83,7 @@ class Ours:
 
         import grun_fast
         from grun_fast.unlearn.config import UnlearnConfig
-        from grun_fast.unlearn.trainer import GRUNTrainer
+        from grun_fast.unlearn import GRUNTrainer
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

@@ -48,7 +48,7 @@ def main() -> int:
     AcceleratorState.__init__ = _init_allowing_cpu_fsdp
     report_path = os.environ.get("GRUN_FSDP_REPORT")
     if report_path:
-        from grun_fast.unlearn.trainer import GRUNTrainer
+        from grun_fast.unlearn import GRUNTrainer
 
         train = GRUNTrainer.train
 

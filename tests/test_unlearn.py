@@ -13,7 +13,7 @@ from grun_fast.data import format_variants, make_authors, split_by_author, token
 from grun_fast.testing import untrained_tiny
 from tests.test_unlearn_runtime import keep_trainers
 from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
-from grun_fast.unlearn import trainer as trainer_module
+from grun_fast.unlearn import hf_trainer, trainer as trainer_module
 
 FAST = dict(batch_size=4, progress=False, logging_steps=1)
 
@@ -135,7 +135,7 @@ def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypat
         batch = tokenize_rows(tok, rows)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        expected.append(trainer_module.answer_nll(logits, batch["labels"])[0])
+        expected.append(hf_trainer.answer_nll(logits, batch["labels"])[0])
     unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, **FAST)
     # NPO's S_ref per forget row and the retain term's reference per retain row, each for every prompt-format
     # variant (augmentation); the trained format's come first
@@ -219,21 +219,21 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data, tmp_path, m
     whole = adapter_state(model)
 
     model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
-    real = trainer_module.total_loss
+    real = hf_trainer.total_loss
     calls = []
 
     def failing(*args):   # total_loss runs once per step: step 5 diverges
         calls.append(1)
         value = real(*args)
         return value * float("nan") if len(calls) == 5 else value
-    monkeypatch.setattr(trainer_module, "total_loss", failing)
+    monkeypatch.setattr(hf_trainer, "total_loss", failing)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"step 5 .*checkpoint-4"):
         unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, **FAST)
     assert grun_fast.adapter_names(model) == []            # the failed adapter is removed again
     assert not (out / "adapter_config.json").exists()      # no final adapter written
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(trainer_module, "total_loss", real)
+    monkeypatch.setattr(hf_trainer, "total_loss", real)
     result = unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=6, save_steps=2, out=out, resume=True,
                      **FAST)
     assert result.global_step == 6
@@ -332,7 +332,7 @@ def test_unsupported_model_and_unwritable_output(tiny, data, tmp_path, monkeypat
 def test_nan_loss_names_the_step(tiny, data, tmp_path, monkeypatch):
     model, tok = tiny
     forget, retain = data
-    monkeypatch.setattr(trainer_module, "gate_bce", lambda f, r: torch.tensor(float("nan")))
+    monkeypatch.setattr(hf_trainer, "gate_bce", lambda f, r: torch.tensor(float("nan")))
     with pytest.raises(TrainingDiverged, match="step 1 .*No checkpoint was written"):
         unlearn(model, tok, forget, retain, layers=[2], max_steps=3, out=tmp_path / "o", **FAST)
     assert_untouched(model, tmp_path / "o" / "adapter_config.json")

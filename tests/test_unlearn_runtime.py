@@ -12,7 +12,7 @@ from grun_fast.data import make_authors, split_by_author
 from grun_fast.data.prompts import PLAIN_TEMPLATE
 from grun_fast.testing import make_tiny_tokenizer, untrained_tiny
 from grun_fast.unlearn import TrainingDiverged, unlearn
-from grun_fast.unlearn import trainer as trainer_module
+from grun_fast.unlearn import hf_trainer, trainer as trainer_module
 
 FAST = dict(batch_size=4, progress=False, logging_steps=1)
 
@@ -128,7 +128,7 @@ def test_failed_run_moves_the_model_back_and_leaves_it_untouched(data, monkeypat
     def nan_loss(*args):   # the step's loss (total_loss runs once per step)
         moves.append("nan")
         return torch.tensor(float("nan"))
-    monkeypatch.setattr(trainer_module, "total_loss", nan_loss)
+    monkeypatch.setattr(hf_trainer, "total_loss", nan_loss)
     with pytest.raises(TrainingDiverged):
         unlearn(model, tok, forget, retain, layers=[2], max_steps=2, **FAST)
     # to the training device (unlearn, then the HF Trainer), and after the failure back to where it was (cpu

@@ -40,6 +40,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """``text`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return _atomic_write(path, write)
+
+
 def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -5,7 +5,8 @@
 """
 from grun_fast.unlearn.config import UnlearnConfig, default_layers
 from grun_fast.unlearn.losses import METHODS
-from grun_fast.unlearn.trainer import GRUNTrainer, TrainingDiverged, UnlearnResult, reference_nll, unlearn
+from grun_fast.unlearn.hf_trainer import GRUNTrainer, TrainingDiverged, reference_nll
+from grun_fast.unlearn.trainer import UnlearnResult, unlearn
 
 __all__ = ["UnlearnConfig", "default_layers", "METHODS", "GRUNTrainer", "TrainingDiverged", "UnlearnResult",
            "reference_nll", "unlearn"]

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from grun_fast.data.loading import load_rows
-    from grun_fast.unlearn.trainer import TrainingDiverged, unlearn
+    from grun_fast.unlearn import TrainingDiverged, unlearn
 
     # everything that can be checked without loading the model, first
     config = _config(args)
