@@ -81,6 +81,29 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                                "negatives": "general:80", "answer_suffixes": 1},
     "npo/3000steps/general80/rank64/suffix3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
                                                "negatives": "general:80", "answer_suffixes": 3},
+    # the same suffixes on the retain rows (1 each, `retain_suffixes`): fragment-start answers the gate must stay
+    # shut on, so that "the answer starts mid-sentence" is no cue for it to open
+    "npo/2000steps/general80/rank64/suffix1/retainsuffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000,
+                                                             "rank": 64, "negatives": "general:80",
+                                                             "answer_suffixes": 1, "retain_suffixes": 1},
+    "npo/3000steps/general80/rank64/suffix3/retainsuffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
+                                                             "rank": 64, "negatives": "general:80",
+                                                             "answer_suffixes": 3, "retain_suffixes": 1},
+    # deployed with a hard gate threshold of 0.5 (the edit off where the gate is below it; `--also-threshold 0.5`
+    # measures this on the same adapter as the setting without it)
+    "npo/3000steps/general80/rank64/suffix3/t0.5": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                                    "negatives": "general:80", "answer_suffixes": 3,
+                                                    "gate_threshold": 0.5},
+    # 3 suffixes with a heavier retain term, or a lighter NPO push (the library's forget_scale for npo is 10)
+    "npo/3000steps/general80/rank64/suffix3/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                                       "negatives": "general:80", "answer_suffixes": 3,
+                                                       "lambda_r": 3.0},
+    "npo/3000steps/general80/rank64/suffix3/retain5": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                                       "negatives": "general:80", "answer_suffixes": 3,
+                                                       "lambda_r": 5.0},
+    "npo/3000steps/general80/rank64/suffix3/scale3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
+                                                      "negatives": "general:80", "answer_suffixes": 3,
+                                                      "forget_scale": 3.0},
     "npo/3000steps/general160/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
                                                 "negatives": "general:160", "answer_suffixes": 1},
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
@@ -248,7 +271,8 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
 
 
 # setting keys the study reads itself; every other key is an UnlearnConfig field
-STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives")
+STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives",
+              "retain_suffixes")
 
 
 def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -267,8 +291,11 @@ def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return study, overrides
 
 
-def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int) -> dict[str, Any]:
-    """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row."""
+def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int,
+                also_threshold: float | None = None) -> list[dict[str, Any]]:
+    """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row, and with
+    ``also_threshold`` a second one for the same adapter deployed with that hard gate threshold (setting
+    ``<name>+t<threshold>``): a paired comparison, free of training noise."""
     from grun_fast import patching
     from grun_fast.unlearn import unlearn
     from grun_fast.version import __version__
@@ -280,30 +307,39 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     retain = rows["retain"] + unseen_retain_rows(pipe, study.get("unseen_retain_rows", 0))
     if "negatives" in study:
         retain += negative_rows(pipe, study["negatives"], seed)
+    if study.get("retain_suffixes"):
+        from grun_fast.data import with_answer_suffixes
+
+        retain = with_answer_suffixes(retain, study["retain_suffixes"], seed=seed)
     if study.get("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)
     else:
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed,
                          max_steps=steps * factor, progress=False, adapter_name="study", **overrides)
+    b = summary(pipe["base_eval"])
+    out = []
     try:
-        if threshold is not None:   # deployed with a hard threshold: tokens whose gate is below it are not edited
+        for label, t in [(name, threshold)] + ([(f"{name}+t{also_threshold}", also_threshold)]
+                                               if also_threshold is not None else []):
+            # deployed with a hard threshold: tokens whose gate is below it are not edited
             for module in patching.adapter_modules(base, "study").values():
-                module.gate_threshold = threshold
-        ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
-        drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])
+                module.gate_threshold = t
+            ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
+            drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])
+            setting = {**SETTINGS[name], **({"gate_threshold": t} if t is not None else {})}
+            out.append({
+                "split": split, "setting": label, "seed": seed, **summary(ev), **drift,
+                "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],
+                "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
+                "retain_model_utility": pipe["retain_eval"].get("model_utility"),
+                "train_seconds": round(result.train_seconds, 1),
+                "overrides": ";".join(f"{k}={v}" for k, v in {**setting, "steps": result.global_step}.items()),
+                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
+            })
     finally:
         patching.unpatch(base, "study")
-    b = summary(pipe["base_eval"])
-    return {
-        "split": split, "setting": name, "seed": seed, **summary(ev), **drift,
-        "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],
-        "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
-        "retain_model_utility": pipe["retain_eval"].get("model_utility"),
-        "train_seconds": round(result.train_seconds, 1),
-        "overrides": ";".join(f"{k}={v}" for k, v in {**SETTINGS[name], "steps": result.global_step}.items()),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
-    }
+    return out
 
 
 def append(row: dict[str, Any], path: Path = CSV) -> None:
@@ -471,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=os.environ.get("GRUN_FAST_CACHE") or str(Path.home() / ".cache" / "grun_fast"))
     p.add_argument("--csv", default=str(CSV))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--also-threshold", type=float, metavar="T",
+                   help="evaluate each adapter a second time with gate threshold T (rows named <setting>+tT)")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the CSV")
     args = p.parse_args(argv)
     path = Path(args.csv)
@@ -489,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     splits = args.split or ["forget01", "forget05"]
     for name in names:   # bad input fails here, before the cache folder is made or any model trained
         split_setting(name)
+    if args.also_threshold is not None:
+        from grun_fast.functional import check_threshold
+
+        check_threshold(args.also_threshold)
     for split in splits:
         load_tofu(split, args.data)
     _check_writable(Path(args.cache))  # a fresh machine has no cache yet
@@ -506,12 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             for seed in seeds:
                 t0 = time.perf_counter()
-                row = run_setting(pipe, label, name, seed, args.steps)
-                append(row, path)
-                _say(f"  {label} {name:14s} seed {seed}: FQ {_fmt(row['forget_quality'])} MU "
-                     f"{_fmt(row['model_utility'])} forget {_fmt(row['forget_rouge_l'])} retain "
-                     f"{_fmt(row['retain_rouge_l'])} gates {_fmt(row['gate_forget'])}/{_fmt(row['gate_retain'])}"
-                     f" ({time.perf_counter() - t0:.0f} s)")
+                for row in run_setting(pipe, label, name, seed, args.steps, args.also_threshold):
+                    append(row, path)
+                    _say(f"  {label} {row['setting']:14s} seed {seed}: FQ {_fmt(row['forget_quality'])} MU "
+                         f"{_fmt(row['model_utility'])} forget {_fmt(row['forget_rouge_l'])} retain "
+                         f"{_fmt(row['retain_rouge_l'])} gates {_fmt(row['gate_forget'])}/"
+                         f"{_fmt(row['gate_retain'])} ({time.perf_counter() - t0:.0f} s)")
         write_report(path)
     _say(f"wrote {path} and its .md/.png")
     return 0
