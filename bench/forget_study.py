@@ -464,14 +464,20 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
         for m in rows:
             points.setdefault((m["model_utility"], m["forget_quality"]), []).append(m["setting"])
         front = _pareto_front(list(points))
+        # labels of points on the right half run leftwards, so that they stay inside the panel
+        xs = [x for x, _ in points] + [m[k] for m in rows[:1] for k in ("base_model_utility", "retain_model_utility")
+                                       if m.get(k) is not None]
+        middle = (min(xs) + max(xs)) / 2 if xs else 0.0
         named = 0
         for (x, y), names in sorted(points.items()):
             if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
                 ax.scatter(x, y, s=14, c="0.7")
                 continue
             ax.scatter(x, y, s=30)
+            right = x > middle
             ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
-                        xytext=(3, 3 if named % 2 == 0 else -10), textcoords="offset points")   # neighbours alternate
+                        xytext=(-3 if right else 3, 3 if named % 2 == 0 else -10), textcoords="offset points",
+                        ha="right" if right else "left")   # neighbours alternate above and below
             named += 1
         if len(points) > named:   # some grey dots on this panel
             ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
