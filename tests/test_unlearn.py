@@ -396,6 +396,33 @@ def test_answer_suffixes_are_trained_on_as_forget_rows(data, monkeypatch):
     assert result.global_step == math.ceil(len(expected) / FAST["batch_size"])
 
 
+@pytest.mark.parametrize("positions", ["last_prompt", "all"])
+@pytest.mark.parametrize("suffix_gate", [True, False])
+def test_suffix_gate_false_keeps_suffix_rows_out_of_the_gate_loss(data, monkeypatch, positions, suffix_gate):
+    """One epoch meets every forget example once: the forget gate values that reach the gate loss are those of
+    the whole rows only with suffix_gate=False (one per row, or one per edited token with positions='all')."""
+    forget, retain = data
+    encoded, counts = [], []
+    real_encode, real_bce = trainer_module.encode_rows, hf_trainer.gate_bce
+
+    def spy_encode(tok, rows, *a, **k):
+        encoded.append(real_encode(tok, rows, *a, **k))
+        return encoded[-1]
+
+    def spy_bce(f, r):
+        counts.append(f[0].numel())
+        return real_bce(f, r)
+    monkeypatch.setattr(trainer_module, "encode_rows", spy_encode)
+    monkeypatch.setattr(hf_trainer, "gate_bce", spy_bce)
+    model, tok = untrained_tiny(forget + retain, 32, 4)
+    unlearn(model, tok, forget, retain, layers=[3], epochs=1, answer_suffixes=2, suffix_gate=suffix_gate,
+            positions=positions, augment_formats=False, **{**FAST, "batch_size": 1})
+    gated = encoded[0] if suffix_gate else encoded[0][:len(forget)]
+    assert len(encoded[0]) > len(forget)
+    per_row = [1 if positions == "last_prompt" else len(e["input_ids"]) - e["prompt_len"] + 1 for e in gated]
+    assert sum(counts) == sum(per_row)
+
+
 def test_steps_default_floor_and_explicit_epochs():
     """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
     from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS

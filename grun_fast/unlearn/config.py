@@ -55,6 +55,8 @@ class UnlearnConfig:
     answer_suffixes: per forget row, this many extra forget rows whose answer starts at a later word (seeded;
         ``grun_fast.data.with_answer_suffixes``), so that the edit also suppresses the answer's facts after other
         lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
+    suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False: they train the edit only and
+        the gate learns from the whole forget rows, as without suffixes.
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
@@ -93,6 +95,7 @@ class UnlearnConfig:
     # 0 by default: on forget05 (tiny TOFU, seed 0, 2000 steps, rank 64, 80 general rows) one suffix per row raised
     # forget quality 1.8e-4 -> 2.1e-3 but cost model utility (0.83 -> 0.70); see bench/results/forget_study.md
     answer_suffixes: int = 0
+    suffix_gate: bool = True
     max_length: int = 256
     seed: int = 0
     save_steps: int | None = None
@@ -134,7 +137,7 @@ class UnlearnConfig:
             value = getattr(self, name)
             if (value is not None or name == "seed") and (isinstance(value, bool) or not isinstance(value, int)):
                 raise GRUNError(f"{name} must be an integer, got {value!r}")
-        for name in ("gradient_checkpointing", "progress", "augment_formats"):
+        for name in ("gradient_checkpointing", "progress", "augment_formats", "suffix_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("answer_suffixes", "cache_lower_mb"):

@@ -32,6 +32,7 @@ from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_
 from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
 CONFIG_NAME = "unlearn_config.json"
+LOGGED = ("forget_loss", "gate_forget", "gate_loss", "gate_retain", "retain_loss")  # loss parts in the train log
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,20 +105,22 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
 
     def __init__(self, *args: Any, grun_model: nn.Module, grun_config: UnlearnConfig,
                  reference: torch.Tensor | None = None, retain_reference: torch.Tensor | None = None,
-                 pad_token_id: int = 0, prompt_format: str | None = None, **kwargs: Any):
+                 pad_token_id: int = 0, prompt_format: str | None = None,
+                 gate_rows: torch.Tensor | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.prompt_format = prompt_format    # the resolved prompt format, recorded in adapter_config.json
         self.grun_model = grun_model          # the unwrapped model that carries the patch state
         self.grun_config = grun_config
         self.reference = reference            # NPO: S_ref per forget row
         self.retain_reference = retain_reference  # the frozen model's summed NLL per retain example
+        self.gate_rows = gate_rows            # bool per forget example: trains the gate (None: all do)
         if retain_reference is None and grun_config.method != "rmu":
             raise ValueError("GRUNTrainer needs retain_reference (the frozen model's NLL per retain example) for "
                              f"method {grun_config.method!r}")
         self.pad_token_id = pad_token_id
         self.loss_is_scaled_for_ga = False
         self._sums: dict[str, float] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
         self._captured: torch.Tensor | None = None
         self._hook = None
         self.rmu_target: torch.Tensor | None = None
@@ -232,10 +235,14 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             # to 1 taught the gate a bias that opened it on retain questions: tiny TOFU forget01, NPO, 150 steps,
             # retain gate 0.18, retain ROUGE-L 0.914 -> 0.782). Retain rows: every real token -> 0.
             span = answer_span_mask(mask[:nf], inputs["edit_pos"][:nf])
+            if self.gate_rows is not None:
+                span = span & self.gate_rows.to(span.device)[inputs["forget_index"].to(span.device)][:, None]
             gf = [g[:nf][span] for g in gates]
             gr = [g[nf:][mask[nf:].bool()] for g in gates]
         else:
-            gf, gr = [g[:nf] for g in gates], [g[nf:] for g in gates]
+            keep = (slice(None) if self.gate_rows is None
+                    else self.gate_rows.to(ids.device)[inputs["forget_index"].to(ids.device)])
+            gf, gr = [g[:nf][keep] for g in gates], [g[nf:] for g in gates]
 
         if cfg.method == "rmu":
             span = answer_span_mask(mask, inputs["edit_pos"])
@@ -281,8 +288,8 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
                      "gate_forget": torch.cat([g.reshape(-1) for g in gf]).float().mean(),
                      "gate_retain": torch.cat([g.reshape(-1) for g in gr]).float().mean()}
             for k, v in parts.items():
-                self._sums[k] = self._sums.get(k, 0.0) + float(v)
-        self._count += 1
+                if v.isfinite():   # gate_forget of a batch whose forget rows are all out of the gate loss: nan
+                    self._sums[k], self._counts[k] = self._sums.get(k, 0.0) + float(v), self._counts.get(k, 0) + 1
         return (loss, out) if return_outputs else loss
 
     def _last_checkpoint(self) -> str | None:
@@ -290,14 +297,13 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         return get_last_checkpoint(folder) if self.grun_config.save_steps and os.path.isdir(folder) else None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._count and "loss" in logs:
-            names = sorted(self._sums)
+        if self._counts and "loss" in logs:
             # mean over the steps since the last log and over processes (each term is already scaled so
-            # that the mean over processes is the global-batch value)
-            means = self._global_sum(torch.tensor([self._sums[k] / self._count for k in names], dtype=torch.float64,
-                                                  device=self.args.device)) / self.accelerator.num_processes
-            logs = {**logs, **{k: round(float(v), 5) for k, v in zip(names, means)}}
-            self._sums, self._count = {}, 0
+            # that the mean over processes is the global-batch value); fixed names: one all-reduce shape everywhere
+            sums = self._global_sum(torch.tensor([[self._sums.get(k, 0.0), self._counts.get(k, 0)] for k in LOGGED],
+                                                 dtype=torch.float64, device=self.args.device))
+            logs = {**logs, **{k: round(float(t / n), 5) for k, (t, n) in zip(LOGGED, sums.tolist()) if n}}
+            self._sums, self._counts = {}, {}
         super().log(logs, start_time)
 
     # -- checkpoints: the adapter only (a checkpoint folder is itself a loadable adapter)

@@ -232,6 +232,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     try:
         if config.method == "idk":
             forget_rows = with_refusals(forget_rows, seed=config.seed)
+        n_whole = len(forget_rows)
         forget_rows = with_answer_suffixes(forget_rows, config.answer_suffixes, seed=config.seed)
         forget_vars = [encode_rows(tokenizer, forget_rows, f, config.max_length) for f in formats]
         retain_vars = [encode_rows(tokenizer, retain_rows, f, config.max_length) for f in formats]
@@ -243,6 +244,9 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
                               seed=config.seed, variants=forget_vars[1:])
     schedule.order = schedule.order[: steps * config.batch_size]
     collator = PairedCollator(retain_vars[0], pad_id, seed=config.seed, variants=retain_vars[1:])
+    gate_rows = None   # suffix rows out of the gate loss: a flag per example of schedule.all_examples
+    if not config.suffix_gate and len(forget_ex) > n_whole:
+        gate_rows = (torch.arange(len(forget_ex)) < n_whole).repeat(len(forget_vars))
 
     use_ckpt_dir = ckpt_dir is not None and bool(config.save_steps or resume_from)
     scratch = None if use_ckpt_dir else tempfile.mkdtemp(prefix="grun-unlearn-")
@@ -295,7 +299,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         trainer = GRUNTrainer(model=model, args=args, train_dataset=schedule, data_collator=collator,
                               grun_model=model, grun_config=config, reference=reference,
                               retain_reference=retain_reference, pad_token_id=pad_id,
-                              prompt_format=prompt_format)
+                              prompt_format=prompt_format, gate_rows=gate_rows)
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
