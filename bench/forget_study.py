@@ -117,6 +117,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                                                 "rank": 64, "negatives": "general:80",
                                                                 "answer_suffixes": 6, "suffix_gate": False,
                                                                 "lambda_r": 3.0},
+    "npo/4000steps/general80/rank64/suffix3/editonly/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 4000,
+                                                                "rank": 64, "negatives": "general:80",
+                                                                "answer_suffixes": 3, "suffix_gate": False,
+                                                                "lambda_r": 3.0},
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain2": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
+                                                                "rank": 64, "negatives": "general:80",
+                                                                "answer_suffixes": 3, "suffix_gate": False,
+                                                                "lambda_r": 2.0},
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": {
+        **NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64, "negatives": "general:80",
+        "answer_suffixes": 3, "suffix_gate": False, "lambda_r": 3.0, "lambda_g": 20.0},
     "npo/3000steps/general160/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
                                                 "negatives": "general:160", "answer_suffixes": 1},
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
