@@ -40,6 +40,12 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
 # NPO at every token for 120 epochs (1500 steps on forget05): the base of the gate-negative settings below
 NPO_ALL_120EP: dict[str, Any] = {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120}
 
+
+def npo_steps(steps: int, **overrides: Any) -> dict[str, Any]:
+    """NPO at every token for a fixed number of steps, rank 64, 80 general rows: the base of the suffix settings."""
+    return {**NPO_ALL_120EP, "epochs": None, "max_steps": steps, "rank": 64, "negatives": "general:80", **overrides}
+
+
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
     # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
@@ -76,60 +82,42 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # keeps it pulling for longer
     "npo/all/160ep/general80/rank64/beta0.02": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                                 "beta": 0.02},
-    # the forget rows plus answer suffixes (UnlearnConfig.answer_suffixes): 1 each, 2000 steps over twice the rows
-    "npo/2000steps/general80/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000, "rank": 64,
-                                               "negatives": "general:80", "answer_suffixes": 1},
-    "npo/3000steps/general80/rank64/suffix3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                               "negatives": "general:80", "answer_suffixes": 3},
+    # the forget rows plus answer suffixes (UnlearnConfig.answer_suffixes), first also training the gate
+    # (suffix_gate True): 1 each, 2000 steps over twice the rows
+    "npo/2000steps/general80/rank64/suffix1": npo_steps(2000, answer_suffixes=1, suffix_gate=True),
+    "npo/3000steps/general80/rank64/suffix3": npo_steps(3000, answer_suffixes=3, suffix_gate=True),
     # the same suffixes on the retain rows (1 each, `retain_suffixes`): fragment-start answers the gate must stay
     # shut on, so that "the answer starts mid-sentence" is no cue for it to open
-    "npo/2000steps/general80/rank64/suffix1/retainsuffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 2000,
-                                                             "rank": 64, "negatives": "general:80",
-                                                             "answer_suffixes": 1, "retain_suffixes": 1},
-    "npo/3000steps/general80/rank64/suffix3/retainsuffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
-                                                             "rank": 64, "negatives": "general:80",
-                                                             "answer_suffixes": 3, "retain_suffixes": 1},
+    "npo/2000steps/general80/rank64/suffix1/retainsuffix1": npo_steps(2000, answer_suffixes=1, suffix_gate=True,
+                                                                      retain_suffixes=1),
+    "npo/3000steps/general80/rank64/suffix3/retainsuffix1": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
+                                                                      retain_suffixes=1),
     # deployed with a hard gate threshold of 0.5 (the edit off where the gate is below it; `--also-threshold 0.5`
     # measures this on the same adapter as the setting without it)
-    "npo/3000steps/general80/rank64/suffix3/t0.5": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                    "negatives": "general:80", "answer_suffixes": 3,
-                                                    "gate_threshold": 0.5},
+    "npo/3000steps/general80/rank64/suffix3/t0.5": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
+                                                             gate_threshold=0.5),
     # 3 suffixes with a heavier retain term, or a lighter NPO push (the library's forget_scale for npo is 10)
-    "npo/3000steps/general80/rank64/suffix3/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                       "negatives": "general:80", "answer_suffixes": 3,
-                                                       "lambda_r": 3.0},
-    "npo/3000steps/general80/rank64/suffix3/retain5": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                       "negatives": "general:80", "answer_suffixes": 3,
-                                                       "lambda_r": 5.0},
-    "npo/3000steps/general80/rank64/suffix3/scale3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                      "negatives": "general:80", "answer_suffixes": 3,
-                                                      "forget_scale": 3.0},
-    # the suffix rows through the edit loss only (suffix_gate False): the gate learns from whole rows, as without
-    # suffixes, for fewer general answers that open it
-    "npo/3000steps/general80/rank64/suffix3/editonly": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
-                                                        "rank": 64, "negatives": "general:80", "answer_suffixes": 3,
-                                                        "suffix_gate": False},
-    "npo/3000steps/general80/rank64/suffix3/editonly/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
-                                                                "rank": 64, "negatives": "general:80",
-                                                                "answer_suffixes": 3, "suffix_gate": False,
-                                                                "lambda_r": 3.0},
-    "npo/3000steps/general80/rank64/suffix6/editonly/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
-                                                                "rank": 64, "negatives": "general:80",
-                                                                "answer_suffixes": 6, "suffix_gate": False,
-                                                                "lambda_r": 3.0},
-    "npo/4000steps/general80/rank64/suffix3/editonly/retain3": {**NPO_ALL_120EP, "epochs": None, "max_steps": 4000,
-                                                                "rank": 64, "negatives": "general:80",
-                                                                "answer_suffixes": 3, "suffix_gate": False,
-                                                                "lambda_r": 3.0},
-    "npo/3000steps/general80/rank64/suffix3/editonly/retain2": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000,
-                                                                "rank": 64, "negatives": "general:80",
-                                                                "answer_suffixes": 3, "suffix_gate": False,
-                                                                "lambda_r": 2.0},
-    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": {
-        **NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64, "negatives": "general:80",
-        "answer_suffixes": 3, "suffix_gate": False, "lambda_r": 3.0, "lambda_g": 20.0},
-    "npo/3000steps/general160/rank64/suffix1": {**NPO_ALL_120EP, "epochs": None, "max_steps": 3000, "rank": 64,
-                                                "negatives": "general:160", "answer_suffixes": 1},
+    "npo/3000steps/general80/rank64/suffix3/retain3": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
+                                                                lambda_r=3.0),
+    "npo/3000steps/general80/rank64/suffix3/retain5": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
+                                                                lambda_r=5.0),
+    "npo/3000steps/general80/rank64/suffix3/scale3": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
+                                                               forget_scale=3.0),
+    "npo/3000steps/general160/rank64/suffix1": npo_steps(3000, negatives="general:160", answer_suffixes=1,
+                                                         suffix_gate=True),
+    # the suffix rows through the edit loss only (suffix_gate False, the library's default): the gate learns from
+    # whole rows, as without suffixes, for fewer general answers that open it
+    "npo/3000steps/general80/rank64/suffix3/editonly": npo_steps(3000, answer_suffixes=3, suffix_gate=False),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(3000, answer_suffixes=3, suffix_gate=False,
+                                                                         lambda_r=3.0),
+    "npo/3000steps/general80/rank64/suffix6/editonly/retain3": npo_steps(3000, answer_suffixes=6, suffix_gate=False,
+                                                                         lambda_r=3.0),
+    "npo/4000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(4000, answer_suffixes=3, suffix_gate=False,
+                                                                         lambda_r=3.0),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain2": npo_steps(3000, answer_suffixes=3, suffix_gate=False,
+                                                                         lambda_r=2.0),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
+        3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
     "npo/all/160ep/general80/rank64/gate30": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                               "lambda_g": 30.0},

@@ -64,6 +64,7 @@ def test_grun_config_accepts_and_normalises():
     (dict(answer_suffixes=-1), "answer_suffixes must be an integer >= 0, got -1"),
     (dict(answer_suffixes=1.5), "answer_suffixes must be an integer >= 0"),
     (dict(answer_suffixes=1, method="idk"), "answer_suffixes needs the forget answers.*'idk'"),
+    (dict(suffix_gate="no"), "suffix_gate must be True or False, got 'no'"),
     (dict(epochs=1.5), r"epochs must be an integer >= 1 \(or unset, for the default\), got 1.5"),
     (dict(max_steps=0), r"max_steps must be an integer >= 1 \(or unset, for the default\), got 0"),
     (dict(template="x"), "unknown prompt template 'x'"),

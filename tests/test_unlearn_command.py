@@ -55,6 +55,15 @@ def test_unlearn_command_writes_an_adapter(setup, capsys):
     assert json.loads((out2 / "adapter_config.json").read_text())["config"]["layers"] == [1]
 
 
+@pytest.mark.parametrize("flag, gated", [([], False), (["--suffix-gate"], True)])
+def test_unlearn_command_suffix_gate(setup, flag, gated):
+    """Suffix rows train the edit only unless --suffix-gate; the run records which."""
+    out = setup / f"suffix-gate-{gated}"
+    assert main(common(setup, out, "--answer-suffixes", "1", *flag)) == 0
+    cfg = json.loads((out / "unlearn_config.json").read_text())
+    assert cfg["answer_suffixes"] == 1 and cfg["suffix_gate"] is gated
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--layers", "7"], "out of range"),
     (["--method", "rmu", "--rmu-layer", "0"], "rmu_layer 0 lies below"),

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--answer-suffixes", type=int, default=d.answer_suffixes, metavar="N",
                    help="per forget row, N extra rows whose answer starts at a later word, so that reworded "
                         "answers are suppressed too (default 0; not with --method idk)")
+    m.add_argument("--suffix-gate", action="store_true",
+                   help="train the gate on the suffix rows too (default: they train the edit only, the gate "
+                        "learns from whole rows; gated suffixes opened it on more general answers)")
 
     h = parser.add_argument_group("training")
     h.add_argument("--epochs", type=int, default=d.epochs,
@@ -112,6 +115,7 @@ def _config(args: argparse.Namespace) -> UnlearnConfig:
         forget_scale=args.forget_scale, beta=args.beta, rmu_coefficient=args.rmu_coefficient,
         rmu_layer=args.rmu_layer, template=parse_template_arg(args.template),
         augment_formats=not args.no_format_augmentation, answer_suffixes=args.answer_suffixes,
+        suffix_gate=args.suffix_gate,
         max_length=args.max_length, seed=args.seed,
         save_steps=args.save_steps, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

@@ -55,8 +55,8 @@ class UnlearnConfig:
     answer_suffixes: per forget row, this many extra forget rows whose answer starts at a later word (seeded;
         ``grun_fast.data.with_answer_suffixes``), so that the edit also suppresses the answer's facts after other
         lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
-    suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False: they train the edit only and
-        the gate learns from the whole forget rows, as without suffixes.
+    suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False (default): they train the edit
+        only and the gate learns from the whole forget rows, as without suffixes.
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
@@ -95,7 +95,9 @@ class UnlearnConfig:
     # 0 by default: on forget05 (tiny TOFU, seed 0, 2000 steps, rank 64, 80 general rows) one suffix per row raised
     # forget quality 1.8e-4 -> 2.1e-3 but cost model utility (0.83 -> 0.70); see bench/results/forget_study.md
     answer_suffixes: int = 0
-    suffix_gate: bool = True
+    # False by default: forget05 (tiny TOFU, 3000 steps, rank 64, 80 general rows, 3 suffixes, retain weight 3,
+    # seeds 0-2) gated suffixes: FQ 4.3e-4 / MU 0.747 (medians); edit-only: 3.0e-3 / 0.813
+    suffix_gate: bool = False
     max_length: int = 256
     seed: int = 0
     save_steps: int | None = None
