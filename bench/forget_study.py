@@ -480,17 +480,19 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
         xs = [x for x, _ in points] + [m[k] for m in rows[:1] for k in ("base_model_utility", "retain_model_utility")
                                        if m.get(k) is not None]
         middle = (min(xs) + max(xs)) / 2 if xs else 0.0
-        named = 0
+        named, previous_y = 0, None
         for (x, y), names in sorted(points.items()):
             if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
                 ax.scatter(x, y, s=14, c="0.7")
                 continue
             ax.scatter(x, y, s=30)
             right = x > middle
+            # above the point unless it lies below its left neighbour: two close points' labels move apart
+            above = previous_y is None or y >= previous_y
             ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
-                        xytext=(-3 if right else 3, 3 if named % 2 == 0 else -10), textcoords="offset points",
-                        ha="right" if right else "left")   # neighbours alternate above and below
-            named += 1
+                        xytext=(-3 if right else 3, 3 if above else -10), textcoords="offset points",
+                        ha="right" if right else "left")
+            named, previous_y = named + 1, y
         if len(points) > named:   # some grey dots on this panel
             ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
         if rows:
