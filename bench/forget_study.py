@@ -110,6 +110,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/3000steps/general80/rank64/suffix3/editonly": npo_steps(3000, answer_suffixes=3, suffix_gate=False),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(3000, answer_suffixes=3, suffix_gate=False,
                                                                          lambda_r=3.0),
+    "npo/3000steps/general80/rank64/suffix2/editonly/retain3": npo_steps(3000, answer_suffixes=2, suffix_gate=False,
+                                                                         lambda_r=3.0),
     "npo/3000steps/general80/rank64/suffix6/editonly/retain3": npo_steps(3000, answer_suffixes=6, suffix_gate=False,
                                                                          lambda_r=3.0),
     "npo/4000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(4000, answer_suffixes=3, suffix_gate=False,
