@@ -229,19 +229,21 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
                                       prefix_cache=self.prefix_cache if single else None, call=model)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
+        # the forget rows that train the gate (suffix rows may train the edit only)
+        gated = (None if self.gate_rows is None
+                 else self.gate_rows.to(ids.device)[inputs["forget_index"].to(ids.device)])
         if cfg.positions == "all":
             # Gates per token. Forget rows: from the last prompt token on (the earlier prompt tokens, "Question:"
             # and the like, are shared with retain rows and cannot know yet what the row is about; pushing them
             # to 1 taught the gate a bias that opened it on retain questions: tiny TOFU forget01, NPO, 150 steps,
             # retain gate 0.18, retain ROUGE-L 0.914 -> 0.782). Retain rows: every real token -> 0.
             span = answer_span_mask(mask[:nf], inputs["edit_pos"][:nf])
-            if self.gate_rows is not None:
-                span = span & self.gate_rows.to(span.device)[inputs["forget_index"].to(span.device)][:, None]
+            if gated is not None:
+                span = span & gated[:, None]
             gf = [g[:nf][span] for g in gates]
             gr = [g[nf:][mask[nf:].bool()] for g in gates]
         else:
-            keep = (slice(None) if self.gate_rows is None
-                    else self.gate_rows.to(ids.device)[inputs["forget_index"].to(ids.device)])
+            keep = slice(None) if gated is None else gated
             gf, gr = [g[:nf][keep] for g in gates], [g[nf:] for g in gates]
 
         if cfg.method == "rmu":
