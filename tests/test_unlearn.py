@@ -245,6 +245,27 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(data, tmp_path, m
                 lr=1e-3, out=out, resume=out / "checkpoints" / "checkpoint-4", **FAST)
 
 
+def test_resume_compares_a_field_the_checkpoint_predates_with_the_value_it_was_trained_with(data, tmp_path):
+    """A checkpoint written before suffix_gate existed trained the gate on its suffix rows: resuming it without
+    suffix_gate=True is refused; without suffix rows the flag changes nothing and is not compared."""
+    forget, retain = data
+    for suffixes in (1, 0):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        out = tmp_path / f"run{suffixes}"
+        kwargs = dict(layers=[1, 3], max_steps=4, save_steps=2, answer_suffixes=suffixes, **FAST)
+        unlearn(model, tok, forget, retain, suffix_gate=True, out=out, **kwargs)
+        ckpt = out / "checkpoints" / "checkpoint-2"
+        saved = json.loads((ckpt / "unlearn_config.json").read_text())
+        del saved["suffix_gate"]
+        (ckpt / "unlearn_config.json").write_text(json.dumps(saved))
+        fresh = untrained_tiny(forget + retain, 32, 4, seed=0)[0]
+        if suffixes:
+            with pytest.raises(GRUNError, match=r"different settings \(suffix_gate\)"):
+                unlearn(fresh, tok, forget, retain, suffix_gate=False, out=out, resume=ckpt, **kwargs)
+        result = unlearn(fresh, tok, forget, retain, suffix_gate=bool(suffixes), out=out, resume=ckpt, **kwargs)
+        assert result.global_step == 4
+
+
 def test_sequential_requests_stack_save_and_load(data, tmp_path):
     forget, retain = data
     rows2 = make_authors(4, 6, seed=1)

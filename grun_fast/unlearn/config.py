@@ -23,6 +23,12 @@ DEFAULT_EPOCHS = 40
 MIN_DEFAULT_STEPS = 450
 
 
+# Fields added after checkpoints were first written, with the value that reproduces what a checkpoint written
+# without the field was trained with (resuming it must continue that run, not today's default). Before
+# suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate.
+ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True}
+
+
 def _check_number(name: str, value: Any) -> None:
     """A finite real number (not a bool, not a string), else GRUNError naming the field."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):

@@ -38,7 +38,7 @@ from grun_fast.data.suffixes import with_answer_suffixes
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation.report import write_text
 from grun_fast.patching import adapter_modules, adapter_names, adapter_tensors, patch, save_adapter, unpatch
-from grun_fast.unlearn.config import UnlearnConfig
+from grun_fast.unlearn.config import ADDED_FIELDS, UnlearnConfig
 from grun_fast.unlearn.hf_trainer import CONFIG_NAME, GRUNTrainer, reference_nll
 
 LOG_NAME = "training_log.json"
@@ -215,9 +215,11 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         raise GRUNError("save_steps needs an output folder (out=...) for the checkpoints")
     resume_from = _resolve_resume(resume, ckpt_dir)
     if resume_from is not None and (Path(resume_from) / CONFIG_NAME).is_file():
-        saved = json.loads((Path(resume_from) / CONFIG_NAME).read_text())
+        saved = {**ADDED_FIELDS, **json.loads((Path(resume_from) / CONFIG_NAME).read_text())}
         ignore = {"progress", "save_steps", "logging_steps", "cache_lower_mb", "cache_prefix", "reference_batch_size",
                   "gradient_checkpointing"}
+        if not config.answer_suffixes:   # no suffix rows: whether they train the gate changes nothing
+            ignore.add("suffix_gate")
         diff = sorted(k for k in saved if k not in ignore and saved[k] != config.to_dict().get(k))
         if diff:
             raise GRUNError(f"checkpoint {resume_from} was trained with different settings ({', '.join(diff)}); "
