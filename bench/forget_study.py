@@ -120,6 +120,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                                                          lambda_r=2.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
+        3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, layers=[2, 3, 4, 5]),
+    "npo/3000steps/general80/rank96/suffix3/editonly/retain3": npo_steps(
+        3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, rank=96),
     # a gate loss weighted 3x (lambda_g 30): a sharper gate, for fewer world-facts questions that open it
     "npo/all/160ep/general80/rank64/gate30": {**NPO_ALL_120EP, "epochs": 160, "rank": 64, "negatives": "general:80",
                                               "lambda_g": 30.0},
