@@ -109,6 +109,17 @@ def head_nll(model: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> to
     return rows.sum(-1)
 
 
+def head_log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """[N, V] fp32 log-softmax of the logits the model's head gives ``hidden`` [N, d] (soft-capped where the
+    model caps). The whole distribution, for a KL between two models; only for ``supports_answer_head``
+    models."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.log_softmax(logits, dim=-1)
+
+
 def logits_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B] summed NLL in fp32 of ``target`` [B, T] (-100: unscored) under ``logits`` [B, L, V], ``L <= T``,
     which belong to the last L positions (``logits_to_keep``); ``target[:, t]`` is the token predicted at t.

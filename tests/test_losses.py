@@ -6,8 +6,8 @@ import torch
 
 from grun_fast.unlearn.losses import (simnpo_loss, answer_nll, gate_bce, gd_forget_loss, gd_forget_loss_from_nll,
                                       idk_forget_loss, idk_forget_loss_from_nll, masked_mse, mean_nll, npo_loss,
-                                      retain_loss_from_nll, rmu_control_vector, rmu_forget_loss, rmu_retain_loss,
-                                      token_mean_nll, total_loss)
+                                      retain_kl_loss, retain_loss_from_nll, rmu_control_vector, rmu_forget_loss,
+                                      rmu_retain_loss, token_mean_nll, total_loss)
 
 L2 = math.log(2.0)
 # Vocabulary of 3. Logits [0, ln 2, 0] give probabilities [1/4, 1/2, 1/4]: NLL(1) = ln 2, NLL(0 or 2) = ln 4.
@@ -128,3 +128,21 @@ def test_total_loss():
     f, r, g = torch.tensor(-2.0), torch.tensor(0.5), torch.tensor(0.1)
     assert total_loss(f, r, g, lambda_r=2.0, lambda_g=10.0).item() == pytest.approx(-2 + 1 + 1)
     assert total_loss(f, r, g, 1.0, 10.0, forget_scale=100.0).item() == pytest.approx(-200 + 0.5 + 1)
+    assert total_loss(f, r, g, 2.0, 10.0, kl=torch.tensor(0.25), retain_kl=4.0).item() == pytest.approx(-2 + 1 + 1 + 1)
+
+
+def test_retain_kl_by_hand():
+    """KL(frozen || edited) summed over tokens, over num_tokens; float64 reference on fresh random logits; zero
+    where the distributions agree; the gradient reaches the edited side only."""
+    g = torch.Generator().manual_seed(7)
+    edited = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    frozen = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    p, q = frozen.softmax(-1), edited.softmax(-1)
+    want = sum(float((p[i] * (p[i] / q[i]).log()).sum()) for i in range(5)) / 8
+    lq = edited.log_softmax(-1).float().requires_grad_()
+    lp = frozen.log_softmax(-1).float().requires_grad_()
+    got = retain_kl_loss(lq, lp, 8)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert lp.grad is None and lq.grad.abs().sum() > 0
+    assert retain_kl_loss(lp.detach(), lp.detach(), 5).item() == pytest.approx(0.0, abs=1e-6)

@@ -444,6 +444,52 @@ def test_suffix_gate_false_keeps_suffix_rows_out_of_the_gate_loss(data, monkeypa
     assert sum(counts) == sum(per_row)
 
 
+def test_retain_kl_compares_the_edited_with_the_frozen_model_on_the_retain_rows(data, monkeypatch):
+    """retain_kl > 0: the frozen side of the KL is the model without this adapter on the step's retain rows; the
+    term changes what is trained and is logged; the gates reaching the gate loss are still the edited forward's
+    (the frozen forward runs first). retain_kl = 0: no KL is computed."""
+    forget, retain = data
+    seen = {0.0: [], 2.0: []}
+    calls, gates = [], {0.0: [], 2.0: []}
+    real_kl, real_step, real_bce = hf_trainer.retain_kl_loss, hf_trainer.batch_answer_nll, hf_trainer.gate_bce
+    weight = [0.0]
+
+    def spy_step(model, ids, mask, labels, edit_pos, **kw):
+        calls.append((model, ids, mask, labels, edit_pos, kw.get("log_probs_from")))
+        return real_step(model, ids, mask, labels, edit_pos, **kw)
+
+    def spy_kl(log_probs, reference, n):
+        seen[weight[0]].append((calls[-2], reference.clone()))
+        return real_kl(log_probs, reference, n)
+
+    def spy_bce(f, r):
+        gates[weight[0]].append([g.detach().clone() for g in f + r])
+        return real_bce(f, r)
+    monkeypatch.setattr(hf_trainer, "batch_answer_nll", spy_step)
+    monkeypatch.setattr(hf_trainer, "retain_kl_loss", spy_kl)
+    monkeypatch.setattr(hf_trainer, "gate_bce", spy_bce)
+    states, logs = {}, {}
+    for w in (0.0, 2.0):
+        weight[0] = w
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        result = unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=3, retain_kl=w, **FAST)
+        states[w], logs[w] = adapter_state(model), result.log_history
+        if w:
+            model_w = model
+    assert not seen[0.0] and len(seen[2.0]) == 3
+    assert all("retain_kl" in h for h in logs[2.0] if "loss" in h)
+    assert not any("retain_kl" in h for h in logs[0.0])
+    assert any(not torch.allclose(states[0.0][k], states[2.0][k]) for k in states[0.0])
+    for a, b in zip(gates[0.0][0], gates[2.0][0]):   # step 1: same initial adapter, same gates
+        assert torch.equal(a, b)
+    (model, ids, mask, labels, edit, from_row), reference = seen[2.0][-1]
+    assert model is model_w and from_row == 0
+    with torch.no_grad(), grun_fast.disable_adapters(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    picked = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    assert torch.allclose(reference.double(), logits[picked].log_softmax(-1), atol=1e-5)
+
+
 def test_steps_default_floor_and_explicit_epochs():
     """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
     from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS

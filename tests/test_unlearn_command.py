@@ -64,10 +64,17 @@ def test_unlearn_command_suffix_gate(setup, flag, gated):
     assert cfg["answer_suffixes"] == 1 and cfg["suffix_gate"] is gated
 
 
+def test_unlearn_command_retain_kl(setup):
+    out = setup / "retain-kl"
+    assert main(common(setup, out, "--retain-kl", "0.5")) == 0
+    assert json.loads((out / "unlearn_config.json").read_text())["retain_kl"] == 0.5
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--layers", "7"], "out of range"),
     (["--method", "rmu", "--rmu-layer", "0"], "rmu_layer 0 lies below"),
     (["--apply", "/nonexistent/adapter"], "no adapter folder"),
+    (["--method", "rmu", "--retain-kl", "1"], "retain_kl acts on"),
 ])
 def test_unlearn_command_bad_input(setup, capsys, extra, message):
     out = setup / "bad"

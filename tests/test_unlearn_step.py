@@ -117,6 +117,31 @@ def test_softcapped_logits_are_reproduced():
     assert_same(full, head)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_answer_log_probs_match_the_model_logits(model_type):
+    """log_probs_from: the whole next-token distributions at the answer tokens of the rows asked for, as the
+    model's own logits give them (float64 log-softmax reference), from either path, with the same gradients."""
+    model = patched(model_type, [1, 2])
+    if model_type == "gemma2":
+        model.config.final_logit_softcapping = 0.5
+    ids, mask, labels, edit = make_batch(model.config.vocab_size, seed=2)
+    with torch.no_grad(), grun_fast.edit_at(model, positions=edit):
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    picked = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[2:] != -100
+    want = logits[2:][picked].log_softmax(-1)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for head in (False, True):
+        scores = batch_answer_nll(model, ids, mask, labels, edit, answer_head=head, log_probs_from=2)
+        assert scores.log_probs.dtype == torch.float32 and scores.log_probs.shape == want.shape
+        assert torch.allclose(scores.log_probs.double(), want, atol=1e-5), (scores.log_probs - want).abs().max()
+        params = list(grun_fast.adapter_parameters(model))
+        grads.append(torch.autograd.grad((scores.log_probs * weights).sum(), params))
+        assert batch_answer_nll(model, ids, mask, labels, edit, answer_head=head).log_probs is None
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("cap", [None, 2.0])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_head_nll_matches_cross_entropy(monkeypatch, cap, with_bias):

@@ -25,8 +25,8 @@ MIN_DEFAULT_STEPS = 450
 
 # Fields added after checkpoints were first written, with the value that reproduces what a checkpoint written
 # without the field was trained with (resuming it must continue that run, not today's default). Before
-# suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate.
-ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True}
+# suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate; before retain_kl, no KL term.
+ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True, "retain_kl": 0.0}
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -63,6 +63,8 @@ class UnlearnConfig:
         lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
     suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False (default): they train the edit
         only and the gate learns from the whole forget rows, as without suffixes.
+    retain_kl: weight of KL(frozen || edited) between the next-token distributions at the retain answers' tokens,
+        next to the retain NLL term (lambda_r), which holds only the answer token's probability (0: off; not rmu).
     save_steps: write a resumable checkpoint every N steps (None: none).
     cache_lower_mb: memory budget for reusing the frozen layers' outputs below the lowest edited layer
         (computed once per example, reused every epoch); 0 turns the cache off.
@@ -92,6 +94,7 @@ class UnlearnConfig:
     max_grad_norm: float = 1.0
     lambda_r: float | None = None
     lambda_g: float = 10.0
+    retain_kl: float = 0.0
     forget_scale: float | None = None
     beta: float | None = None
     rmu_coefficient: float = 300.0
@@ -131,7 +134,8 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise GRUNError(f"{name} must be an integer >= 1 (or unset, for the default), got {value!r}")
-        for name in ("lr", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio"):
+        for name in ("lr", "rmu_coefficient", "weight_decay", "max_grad_norm", "lambda_g", "warmup_ratio",
+                     "retain_kl"):
             _check_number(name, getattr(self, name))
         for name in ("lambda_r", "forget_scale", "beta"):
             if getattr(self, name) is not None:
@@ -155,9 +159,12 @@ class UnlearnConfig:
         if self.answer_suffixes and self.method == "idk":
             raise GRUNError("answer_suffixes needs the forget answers as targets; method 'idk' trains on refusals "
                             "instead (use 0)")
+        if self.retain_kl and self.method == "rmu":
+            raise GRUNError("retain_kl acts on the retain rows' next-token distributions; method 'rmu' holds their "
+                            "hidden states instead (use 0)")
         if not isinstance(self.cache_prefix, bool):
             raise GRUNError(f"cache_prefix must be True or False, got {self.cache_prefix!r}")
-        for name in ("weight_decay", "max_grad_norm", "lambda_g", "lambda_r", "forget_scale"):
+        for name in ("weight_decay", "max_grad_norm", "lambda_g", "lambda_r", "forget_scale", "retain_kl"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise GRUNError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:

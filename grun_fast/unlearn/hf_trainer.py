@@ -28,11 +28,12 @@ from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.fsdp import FSDPAdapterMixin, placed_like
 from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
                                       npo_loss, retain_loss_from_nll, rmu_control_vector, rmu_forget_loss,
-                                      rmu_retain_loss, simnpo_loss, total_loss)
+                                      retain_kl_loss, rmu_retain_loss, simnpo_loss, total_loss)
 from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
 CONFIG_NAME = "unlearn_config.json"
-LOGGED = ("forget_loss", "gate_forget", "gate_loss", "gate_retain", "retain_loss")  # loss parts in the train log
+# loss parts in the train log
+LOGGED = ("forget_loss", "gate_forget", "gate_loss", "gate_retain", "retain_loss", "retain_kl")
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,6 +205,7 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         world = self.accelerator.num_processes
         base_hidden = None
+        kl: torch.Tensor | float = 0.0   # the retain KL term (retain_kl > 0 only)
         if cfg.method == "rmu":  # the retain rows' hidden states without this edit (no grad)
             with torch.no_grad(), disable_adapters(self.grun_model, cfg.adapter_name), \
                     edit_at(self.grun_model, positions=inputs["edit_pos"][nf:]):  # earlier adapters still edit
@@ -224,9 +226,16 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             # one process: the unwrapped model's backbone + LM head at answer tokens (+ cached prefix);
             # several: through the DDP wrapper (its forward arms the gradient all-reduce), full logits
             single = world == 1 and model is self.grun_model
-            nll, answer_tokens = batch_answer_nll(self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys,
-                                      lower_cache=self.lower_cache, answer_head=single and self.answer_head,
-                                      prefix_cache=self.prefix_cache if single else None, call=model)
+            from_row = nf if cfg.retain_kl else None
+            if from_row is not None:   # the frozen model's distributions (earlier adapters edit); first, so
+                with torch.no_grad(), disable_adapters(self.grun_model, cfg.adapter_name):  # last_gate is ours
+                    reference_log_probs = batch_answer_nll(
+                        self.grun_model, ids[nf:], mask[nf:], labels[nf:], inputs["edit_pos"][nf:],
+                        answer_head=single and self.answer_head, call=model, log_probs_from=0).log_probs
+            nll, answer_tokens, log_probs = batch_answer_nll(
+                self.grun_model, ids, mask, labels, inputs["edit_pos"], keys=keys, lower_cache=self.lower_cache,
+                answer_head=single and self.answer_head, prefix_cache=self.prefix_cache if single else None,
+                call=model, log_probs_from=from_row)
         modules = adapter_modules(self.grun_model, cfg.adapter_name)
         gates = [m.last_gate for m in modules.values()]
         # the forget rows that train the gate (suffix rows may train the edit only)
@@ -260,6 +269,8 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             denom = counts / world   # local sums over the global count per process: DDP's mean = the global mean
             r_ref = self.retain_reference.to(nll.device)[inputs["retain_index"].to(nll.device)]
             retain = retain_loss_from_nll(nll[nf:], r_ref, denom[1])
+            if cfg.retain_kl:
+                kl = retain_kl_loss(log_probs, reference_log_probs, denom[1])
             if cfg.method == "gd":
                 forget = gd_forget_loss_from_nll(nll[:nf], denom[0])
             elif cfg.method == "idk":
@@ -275,7 +286,7 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
             # so that DDP's average over processes is the mean over all of them, as in one process
             n_local = torch.stack([torch.tensor(float(sum(v.numel() for v in gf + gr)), device=gate.device)])
             gate = gate * (n_local / self._global_sum(n_local) * world)[0]
-        loss = total_loss(forget, retain, gate, cfg.lambda_r, cfg.lambda_g, cfg.forget_scale)
+        loss = total_loss(forget, retain, gate, cfg.lambda_r, cfg.lambda_g, cfg.forget_scale, kl, cfg.retain_kl)
 
         bad = self._global_sum((~torch.isfinite(loss.detach())).float())
         if bad.item() > 0:
@@ -287,6 +298,7 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
                 + " Try a lower lr or forget_scale.")
         with torch.no_grad():
             parts = {"forget_loss": forget, "retain_loss": retain, "gate_loss": gate,
+                     **({"retain_kl": kl} if cfg.retain_kl else {}),
                      "gate_forget": torch.cat([g.reshape(-1) for g in gf]).float().mean(),
                      "gate_retain": torch.cat([g.reshape(-1) for g in gr]).float().mean()}
             for k, v in parts.items():

@@ -1,6 +1,7 @@
 """The GRUN training objective, term by term (GRUN.md section 4).
 
     L = forget_scale * L_forget + lambda_r * L_retain + lambda_g * BCE(gates; forget -> 1, retain -> 0)
+        [+ retain_kl * KL(frozen || edited) at the retain answer tokens]
 
 L_retain is the retain answers' NLL in excess of the frozen model's (not GRUN.md's plain NLL; see
 ``retain_loss_from_nll``).
@@ -69,6 +70,19 @@ def retain_loss_from_nll(nll_sum: torch.Tensor, reference_sum: torch.Tensor,
     NLL 3.5 nats through training, retain gate 0.52 under a format variant, retain ROUGE-L 0.89 -> 0.72)."""
     excess = torch.clamp(nll_sum.float() - reference_sum.to(nll_sum.device).float(), min=0)
     return mean_nll(excess, num_tokens)
+
+
+def retain_kl_loss(log_probs: torch.Tensor, reference_log_probs: torch.Tensor,
+                   num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """KL(frozen || edited) of the next-token distributions at the retain answer tokens ([N, V] log-probs
+    each), summed over tokens and divided by ``num_tokens``.
+
+    The retain NLL term holds only the answer token's probability; the rest of the distribution (the words a
+    reworded or wrong answer would take) can drift."""
+    reference = reference_log_probs.detach().float()
+    kl = (reference.exp() * (reference - log_probs.float())).sum()
+    denom = torch.as_tensor(num_tokens, dtype=torch.float32, device=kl.device)
+    return kl / torch.clamp(denom, min=1)
 
 
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor,
@@ -154,6 +168,7 @@ def gate_bce(forget_gates: Sequence[torch.Tensor], retain_gates: Sequence[torch.
 
 
 def total_loss(forget: torch.Tensor, retain: torch.Tensor, gate: torch.Tensor, lambda_r: float,
-               lambda_g: float, forget_scale: float = 1.0) -> torch.Tensor:
+               lambda_g: float, forget_scale: float = 1.0, kl: torch.Tensor | float = 0.0,
+               retain_kl: float = 0.0) -> torch.Tensor:
     """The combined objective."""
-    return forget_scale * forget + lambda_r * retain + lambda_g * gate
+    return forget_scale * forget + lambda_r * retain + lambda_g * gate + retain_kl * kl

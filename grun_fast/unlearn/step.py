@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from grun_fast.answer_head import head_nll, logits_nll, supports_answer_head
+from grun_fast.answer_head import head_log_probs, head_nll, logits_nll, supports_answer_head
 from grun_fast.architectures import cache_kwarg, locate, output_cache
 from grun_fast.data.encoding import IGNORE_INDEX
 from grun_fast.patching import edit_at
@@ -31,34 +31,48 @@ from grun_fast.unlearn.losses import answer_nll
 
 log = logging.getLogger(__name__)
 
+class AnswerScores(NamedTuple):
+    nll: torch.Tensor                      # [B] summed answer NLL, fp32
+    count: torch.Tensor                    # [B] answer tokens per row
+    log_probs: torch.Tensor | None         # [N, V] fp32 next-token log-probs at the answer tokens of the
+                                           # rows asked for (row-major), or None
+
+
 def batch_answer_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                      edit_pos: torch.Tensor, *, keys: Sequence | None = None,
                      lower_cache: LowerLayerCache | None = None, prefix_cache: "PrefixCache | None" = None,
-                     answer_head: bool = True, call: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B] summed answer NLL in fp32, [B] answer-token count) of one right-padded batch, edited at
-    ``edit_pos``; adapters' ``last_gate`` hold the gates afterwards.
+                     answer_head: bool = True, call: nn.Module | None = None,
+                     log_probs_from: int | None = None) -> AnswerScores:
+    """Summed answer NLL and answer-token count per row of one right-padded batch, edited at ``edit_pos``;
+    adapters' ``last_gate`` hold the gates afterwards.
 
     ``keys``: one hashable per row naming its example (for the caches). ``call``: the module to call for the
-    full-logits path (a DDP wrapper, say); ``model`` is the unwrapped, patched model.
+    full-logits path (a DDP wrapper, say); ``model`` is the unwrapped, patched model. ``log_probs_from``: also
+    return the whole next-token distributions at the answer tokens of rows ``log_probs_from:`` (the prefix
+    cache, which scores the answer token only, is then not used).
     """
     count = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    if prefix_cache is not None and keys is not None and prefix_cache.enabled:
+    if prefix_cache is not None and keys is not None and prefix_cache.enabled and log_probs_from is None:
         nll = prefix_cache.answer_nll(ids, mask, labels, edit_pos, keys, answer_head=answer_head)
         if nll is not None:
-            return nll, count
+            return AnswerScores(nll, count, None)
     skipping = contextlib.nullcontext()
     if lower_cache is not None and keys is not None and lower_cache.enabled:
         hidden = lower_cache.fetch(keys, ids, mask)
         if lower_cache.enabled:
             skipping = lower_cache.skipping(hidden)
+    target = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # position t predicts t + 1
+    picked = None if log_probs_from is None else target[log_probs_from:] != IGNORE_INDEX
     with skipping, edit_at(model, positions=edit_pos):
         if answer_head and supports_answer_head(model):
             backbone = locate(model)[0]
             hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            target = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # position t predicts t + 1
-            return head_nll(model, hidden, target), count
+            log_probs = None if picked is None else head_log_probs(model, hidden[log_probs_from:][picked])
+            return AnswerScores(head_nll(model, hidden, target), count, log_probs)
         logits = (call or model)(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return answer_nll(logits, labels)[0].float(), count
+    log_probs = (None if picked is None
+                 else torch.log_softmax(logits[log_probs_from:][picked].float(), dim=-1))
+    return AnswerScores(answer_nll(logits, labels)[0].float(), count, log_probs)
 
 
 class PrefixCache:
@@ -166,7 +180,7 @@ class PrefixCache:
         if not self.checked:       # once, before the real forward (which must set the gates last): same numbers?
             self.checked = True
             with torch.no_grad():
-                plain, _ = batch_answer_nll(self.model, ids, mask, labels, edit_pos, answer_head=answer_head)
+                plain = batch_answer_nll(self.model, ids, mask, labels, edit_pos, answer_head=answer_head).nll
                 mine = self._suffix_nll(entries, ids, lengths, labels, edit_pos, answer_head)
                 ok = torch.allclose(mine, plain, rtol=1e-4, atol=1e-4 * max(1.0, float(plain.abs().max())))
             if not ok:
