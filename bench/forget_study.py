@@ -125,6 +125,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the retain rows' whole next-token distributions held at the frozen model's (retain_kl), not only their answers
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/kl3": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, retain_kl=3.0),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/kl1": npo_steps(
+        3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, retain_kl=1.0),
+    "npo/3000steps/general80/rank64/suffix3/editonly/retain3/kl0.3": npo_steps(
+        3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, retain_kl=0.3),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5/kl1": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, layers=[2, 3, 4, 5], retain_kl=1.0),
     "npo/3000steps/general80/rank96/suffix3/editonly/retain3": npo_steps(
