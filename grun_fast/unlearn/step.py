@@ -31,6 +31,7 @@ from grun_fast.unlearn.losses import answer_nll
 
 log = logging.getLogger(__name__)
 
+
 class AnswerScores(NamedTuple):
     nll: torch.Tensor                      # [B] summed answer NLL, fp32
     count: torch.Tensor                    # [B] answer tokens per row
