@@ -476,6 +476,24 @@ def _pareto_front(points: list[tuple[float, float]]) -> set[tuple[float, float]]
     return {p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)}
 
 
+def _annotate(ax: Any, labels: list[tuple[float, float, str]], middle: float, line_pt: float = 9.0) -> None:
+    """Name each point; labels on the right half run leftwards (to stay inside the panel), and a label that
+    would land within a line of one already placed moves down a line, until it is clear (no overlaps)."""
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, bool]] = []   # label heights in points, and whether each runs leftwards
+    for x, y, text in sorted(labels, key=lambda p: -p[1]):   # top to bottom
+        py = ax.transData.transform((x, y))[1] * to_points
+        right = x > middle
+        dy = 3.0
+        # the same side of the panel and within a line vertically: overlapping text
+        while any(r == right and abs(py + dy - qy) < line_pt for qy, r in placed):
+            dy -= line_pt
+        placed.append((py + dy, right))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(-3 if right else 3, dy), textcoords="offset points",
+                    ha="right" if right else "left",   # a moved label keeps a thin line to its point
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy < 0 else None)
+
+
 def plot(entries: list[dict[str, Any]], path: Path) -> Path:
     """Forget quality (log) against model utility, one panel per split, base and retain model marked; only the
     settings on the trade-off front (and the default) are named, the rest are grey dots."""
@@ -495,33 +513,29 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
         xs = [x for x, _ in points] + [m[k] for m in rows[:1] for k in ("base_model_utility", "retain_model_utility")
                                        if m.get(k) is not None]
         middle = (min(xs) + max(xs)) / 2 if xs else 0.0
-        named, previous_y = 0, None
+        named, labels = 0, []
         for (x, y), names in sorted(points.items()):
             if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
                 ax.scatter(x, y, s=14, c="0.7")
                 continue
             ax.scatter(x, y, s=30)
-            right = x > middle
-            # above the point unless it lies below its left neighbour: two close points' labels move apart
-            above = previous_y is None or y >= previous_y
-            ax.annotate(" = ".join(sorted(names, key=lambda n: (n != "default", n))), (x, y), fontsize=7,
-                        xytext=(-3 if right else 3, 3 if above else -10), textcoords="offset points",
-                        ha="right" if right else "left")
-            named, previous_y = named + 1, y
-        if len(points) > named:   # some grey dots on this panel
-            ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
+            labels.append((x, y, " = ".join(sorted(names, key=lambda n: (n != "default", n)))))
+            named += 1
         if rows:
             ref = rows[0]
             ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
             ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
-        ax.axhline(0.01, ls=":", c="grey", lw=1)
         ax.set_yscale("log")
+        if len(points) > named:   # some grey dots on this panel
+            ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
+        ax.axhline(0.01, ls=":", c="grey", lw=1)
         if rows:   # the study's target region: forget quality >= 0.01, model utility >= 0.9x the base's
             (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
             ax.fill_between([0.9 * ref["base_model_utility"], x1], 0.01, y1, color="g", alpha=0.08,
                             label="targets (FQ, MU)")
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
+        _annotate(ax, labels, middle)   # once the limits are final: it works in display coordinates
         ax.set_xlabel("model utility")
         ax.set_ylabel("forget quality (KS p)")
         ax.set_title(f"TOFU {split}, tiny pipeline (median over seeds)", fontsize=9)

@@ -148,3 +148,24 @@ def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work
 def test_pareto_front_keeps_only_points_no_other_beats_on_both():
     pts = [(0.9, 1e-3), (0.8, 1e-1), (0.85, 1e-4), (0.7, 1e-1), (0.9, 1e-3)]
     assert fs._pareto_front(pts) == {(0.9, 1e-3), (0.8, 1e-1)}
+
+
+def test_point_labels_that_would_overlap_are_moved_apart():
+    """Two settings close on the plot: the second label moves down until the two texts no longer overlap."""
+    from grun_fast.evaluation.report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_yscale("log")
+    ax.set_xlim(0.1, 1.0)
+    ax.set_ylim(1e-30, 1.0)
+    close = [(0.81, 1e-3, "npo/3000steps/general80/rank64/suffix3/editonly/retain3"),
+             (0.85, 5e-4, "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5/kl1"),
+             (0.30, 5e-4, "left")]   # the other side of the panel: its label runs the other way, stays put
+    fs._annotate(ax, close, middle=0.55)
+    fig.canvas.draw()
+    texts = {t.get_text(): t for t in ax.texts}
+    boxes = [texts[name].get_window_extent() for _, _, name in close[:2]]
+    assert not boxes[0].overlaps(boxes[1])
+    assert texts["left"].xyann[1] == 3.0
+    plt.close(fig)
