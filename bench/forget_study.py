@@ -513,20 +513,19 @@ def plot(entries: list[dict[str, Any]], path: Path) -> Path:
         xs = [x for x, _ in points] + [m[k] for m in rows[:1] for k in ("base_model_utility", "retain_model_utility")
                                        if m.get(k) is not None]
         middle = (min(xs) + max(xs)) / 2 if xs else 0.0
-        named, labels = 0, []
+        labels: list[tuple[float, float, str]] = []   # the named points (the front and the default)
         for (x, y), names in sorted(points.items()):
             if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
                 ax.scatter(x, y, s=14, c="0.7")
                 continue
             ax.scatter(x, y, s=30)
             labels.append((x, y, " = ".join(sorted(names, key=lambda n: (n != "default", n)))))
-            named += 1
         if rows:
             ref = rows[0]
             ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
             ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
         ax.set_yscale("log")
-        if len(points) > named:   # some grey dots on this panel
+        if len(points) > len(labels):   # some grey dots on this panel
             ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
         ax.axhline(0.01, ls=":", c="grey", lw=1)
         if rows:   # the study's target region: forget quality >= 0.01, model utility >= 0.9x the base's
