@@ -35,7 +35,8 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
           "paraphrased_rouge_l", "forget_truth_ratio", "gate_forget", "gate_retain", "forget_leaks",
           "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
           "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest",
-          "format_gate_forget_min", "format_gate_retain_max"]
+          "format_gate_forget_min", "format_gate_retain_max", "forget_log_truth_ratio_median",
+          "forget_log_truth_ratio_sd", "retain_model_log_truth_ratio_sd"]
 
 # NPO at every token for 120 epochs (1500 steps on forget05): the base of the gate-negative settings below
 NPO_ALL_120EP: dict[str, Any] = {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120}
@@ -118,6 +119,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                                                          lambda_r=3.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain2": npo_steps(3000, answer_suffixes=3, suffix_gate=False,
                                                                          lambda_r=2.0),
+    # SimNPO (mean token NLL, no reference) at the best NPO point: its push fades once an answer's mean token NLL
+    # passes a few nats, where NPO's summed-NLL push carries on into noise; the edited model's forget truth
+    # ratios spread wider than the retain model's (seed 0: 5-95 % 0.25-4.5 against 0.41-2.5)
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
@@ -273,9 +279,25 @@ def _weakest(ev: dict[str, Any]) -> str | None:
     return f"{name}={value:.3f}"
 
 
+def log_truth_ratio_spread(split: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Median and standard deviation of a split's per-question log truth ratios (None without rows).
+
+    Forget quality tests the whole distribution against the retain model's: an edited model can sit at its
+    median (no preference left for the true answers) and still fail the test by spreading wider."""
+    import numpy as np
+
+    ratios = [r["truth_ratio"] for r in split.get("rows") or [] if r.get("truth_ratio") is not None]
+    if not ratios:
+        return None, None
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    return float(np.median(logs)), float(logs.std())
+
+
 def summary(ev: dict[str, Any]) -> dict[str, Any]:
     forget, retain = ev["splits"]["forget"], ev["splits"]["retain"]
+    median, sd = log_truth_ratio_spread(forget)
     return {
+        "forget_log_truth_ratio_median": median, "forget_log_truth_ratio_sd": sd,
         "forget_quality": (ev.get("forget_quality") or {}).get("forget"),
         "model_utility": ev.get("model_utility"),
         "forget_rouge_l": forget["rouge_l"], "retain_rouge_l": retain["rouge_l"],
@@ -360,6 +382,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
                 "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],
                 "base_forget_rouge_l": b["forget_rouge_l"], "base_retain_rouge_l": b["retain_rouge_l"],
                 "retain_model_utility": pipe["retain_eval"].get("model_utility"),
+                "retain_model_log_truth_ratio_sd": log_truth_ratio_spread(pipe["retain_eval"]["splits"]["forget"])[1],
                 "train_seconds": round(result.train_seconds, 1),
                 "overrides": ";".join(f"{k}={v}" for k, v in {**setting, "steps": result.global_step}.items()),
                 "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
@@ -443,7 +466,7 @@ def _fmt(v: Any) -> str:
 def write_report(path: Path = CSV) -> list[Path]:
     entries = sorted(medians(path), key=lambda m: (m["split"], -(m.get("forget_quality") or 0)))
     cols = ["forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "paraphrased_rouge_l",
-            "forget_truth_ratio", "gate_forget", "gate_retain", "format_gate_forget_min", "format_gate_retain_max",
+            "forget_truth_ratio", "forget_log_truth_ratio_sd", "gate_forget", "gate_retain", "format_gate_forget_min", "format_gate_retain_max",
             "forget_leaks", "train_seconds"]
     md = ["# Forget-quality study (issue 12)", "",
           "`python -m bench.forget_study` on the tiny TOFU pipeline (bench/forget_study.py); medians over seeds "
@@ -453,9 +476,12 @@ def write_report(path: Path = CSV) -> list[Path]:
     for split in sorted({m["split"] for m in entries}):
         rows = [m for m in entries if m["split"] == split]
         ref = rows[0]
+        retain_sd = next((m["retain_model_log_truth_ratio_sd"] for m in rows
+                          if m.get("retain_model_log_truth_ratio_sd") is not None), None)
         md += [f"## {split}: base FQ {_fmt(ref.get('base_forget_quality'))}, base MU "
                f"{_fmt(ref.get('base_model_utility'))}, base forget/retain ROUGE-L {_fmt(ref.get('base_forget_rouge_l'))}"
-               f" / {_fmt(ref.get('base_retain_rouge_l'))}, retain model MU {_fmt(ref.get('retain_model_utility'))}",
+               f" / {_fmt(ref.get('base_retain_rouge_l'))}, retain model MU {_fmt(ref.get('retain_model_utility'))}"
+               f", retain model's forget log truth ratio sd {_fmt(retain_sd)}",
                "", "| setting | seeds | " + " | ".join(cols) + " | targets met |",
                "|" + " --- |" * (len(cols) + 3)]
         for m in rows:

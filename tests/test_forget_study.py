@@ -42,6 +42,19 @@ def test_medians_over_seeds_take_the_latest_row_per_seed(tmp_path):
     assert by_setting["gd"]["seeds"] == 1
 
 
+def test_log_truth_ratio_spread_is_the_median_and_sd_of_the_log_ratios():
+    rows = [{"truth_ratio": t} for t in (0.5, 1.0, 2.0, 8.0)]
+    median, sd = fs.log_truth_ratio_spread({"rows": rows})
+    logs = [-0.6931471805599453, 0.0, 0.6931471805599453, 2.0794415416798357]
+    mean = sum(logs) / 4
+    assert median == pytest.approx((logs[1] + logs[2]) / 2)
+    assert sd == pytest.approx((sum((x - mean) ** 2 for x in logs) / 4) ** 0.5)
+    assert fs.log_truth_ratio_spread({"rows": []}) == (None, None)
+    assert fs.summary({"splits": {"forget": {"rouge_l": 0.1, "truth_ratio": 0.6, "paraphrased_question": {"rouge_l": 0.1},
+                                             "rows": rows, "gate": {}},
+                                  "retain": {"rouge_l": 0.9, "gate": {}}}})["forget_log_truth_ratio_sd"] == pytest.approx(sd)
+
+
 def test_weakest_utility_number_is_named():
     splits = {s: {"probability": 0.8, "rouge_l": 0.9, "truth_ratio": 0.7} for s in ("retain", "real_authors",
                                                                                     "world_facts")}
