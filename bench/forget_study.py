@@ -124,6 +124,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # ratios spread wider than the retain model's (seed 0: 5-95 % 0.25-4.5 against 0.41-2.5)
     "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0),
+    # its push fades later with a lower beta (at beta 2.5 the ratios stayed narrow but kept preferring the truth)
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
