@@ -120,8 +120,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/3000steps/general80/rank64/suffix3/editonly/retain2": npo_steps(3000, answer_suffixes=3, suffix_gate=False,
                                                                          lambda_r=2.0),
     # SimNPO (mean token NLL, no reference) at the best NPO point: its push fades once an answer's mean token NLL
-    # passes a few nats, where NPO's summed-NLL push carries on into noise; the edited model's forget truth
-    # ratios spread wider than the retain model's (seed 0: 5-95 % 0.25-4.5 against 0.41-2.5)
+    # passes a few nats, where NPO's summed-NLL push carries on; the NPO point's forget truth ratios spread
+    # twice as wide as the retain model's (seed 0, log ratios: sd 1.02 against 0.52)
     "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3": npo_steps(
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0),
     # its push fades later with a lower beta (at beta 2.5 the ratios stayed narrow but kept preferring the truth)
@@ -469,8 +469,8 @@ def _fmt(v: Any) -> str:
 def write_report(path: Path = CSV) -> list[Path]:
     entries = sorted(medians(path), key=lambda m: (m["split"], -(m.get("forget_quality") or 0)))
     cols = ["forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "paraphrased_rouge_l",
-            "forget_truth_ratio", "forget_log_truth_ratio_sd", "gate_forget", "gate_retain", "format_gate_forget_min", "format_gate_retain_max",
-            "forget_leaks", "train_seconds"]
+            "forget_truth_ratio", "forget_log_truth_ratio_sd", "gate_forget", "gate_retain", "format_gate_forget_min",
+            "format_gate_retain_max", "forget_leaks", "train_seconds"]
     md = ["# Forget-quality study (issue 12)", "",
           "`python -m bench.forget_study` on the tiny TOFU pipeline (bench/forget_study.py); medians over seeds "
           "of the adapter (base and retain models trained once with seed 0). Targets: FQ >= 0.01 and >= 100x the "

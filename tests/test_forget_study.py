@@ -50,9 +50,9 @@ def test_log_truth_ratio_spread_is_the_median_and_sd_of_the_log_ratios():
     assert median == pytest.approx((logs[1] + logs[2]) / 2)
     assert sd == pytest.approx((sum((x - mean) ** 2 for x in logs) / 4) ** 0.5)
     assert fs.log_truth_ratio_spread({"rows": []}) == (None, None)
-    assert fs.summary({"splits": {"forget": {"rouge_l": 0.1, "truth_ratio": 0.6, "paraphrased_question": {"rouge_l": 0.1},
-                                             "rows": rows, "gate": {}},
-                                  "retain": {"rouge_l": 0.9, "gate": {}}}})["forget_log_truth_ratio_sd"] == pytest.approx(sd)
+    forget = {"rouge_l": 0.1, "truth_ratio": 0.6, "paraphrased_question": {"rouge_l": 0.1}, "rows": rows, "gate": {}}
+    ev = {"splits": {"forget": forget, "retain": {"rouge_l": 0.9, "gate": {}}}}
+    assert fs.summary(ev)["forget_log_truth_ratio_sd"] == pytest.approx(sd)
 
 
 def test_weakest_utility_number_is_named():
