@@ -25,7 +25,9 @@ setup(
     package_dir={"grun_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.24",  # the lowest version tested (.ci/run runs the quick suite on it)
+        # the lowest version tested (.ci/run runs the quick suite on it); below 5.25, whose serving internals moved
+        # (grun_fast/serve_models.py imports TimedModel) and which requires Hugging Face's `kernels`
+        "transformers>=5.24,<5.25",
         "safetensors>=0.4",
         "datasets>=2.18",
         "accelerate>=0.34",
@@ -38,9 +40,9 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "serve": ["transformers[serving]>=5.24"],  # grun-fast serve: fastapi, uvicorn, openai, pydantic
+        "serve": ["transformers[serving]>=5.24,<5.25"],  # grun-fast serve: fastapi, uvicorn, openai, pydantic
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10",
-                "transformers[serving]>=5.24"],
+                "transformers[serving]>=5.24,<5.25"],
     },
     entry_points={"console_scripts": ["grun-fast=grun_fast.cli:main"]},
 )
