@@ -127,6 +127,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # its push fades later with a lower beta (at beta 2.5 the ratios stayed narrow but kept preferring the truth)
     "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1": npo_steps(
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0),
+    # beta 1 reached forget quality 0.47 at model utility 0.81 (seed 0; weakest part: the retain truth ratio): the
+    # retain rows' whole next-token distributions held too (retain_kl 0.3 raised NPO's utility by 0.03 at seed 0),
+    # or more answer suffixes (6 raised it by ~0.01 at the NPO point)
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1/kl0.3": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0, retain_kl=0.3),
+    "simnpo/3000steps/general80/rank64/suffix6/editonly/retain3/beta1": npo_steps(
+        3000, method="simnpo", answer_suffixes=6, suffix_gate=False, lambda_r=3.0, beta=1.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
@@ -270,16 +277,25 @@ def _gate(split: dict) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _weakest(ev: dict[str, Any]) -> str | None:
-    """The smallest of model utility's 9 numbers (it dominates their harmonic mean), e.g. 'world_facts/probability=0.31'."""
+def _utility_values(ev: dict[str, Any]) -> list[tuple[float, str]]:
     from grun_fast.evaluation.metrics import UTILITY_METRICS, UTILITY_SPLITS
 
-    values = [(ev["splits"][s][m], f"{s}/{m}") for s in UTILITY_SPLITS for m in UTILITY_METRICS
-              if s in ev["splits"] and ev["splits"][s].get(m) is not None]
+    return [(ev["splits"][s][m], f"{s}/{m}") for s in UTILITY_SPLITS for m in UTILITY_METRICS
+            if s in ev["splits"] and ev["splits"][s].get(m) is not None]
+
+
+def _weakest(ev: dict[str, Any]) -> str | None:
+    """The smallest of model utility's 9 numbers (it dominates their harmonic mean), e.g. 'world_facts/probability=0.31'."""
+    values = _utility_values(ev)
     if not values:
         return None
     value, name = min(values)
     return f"{name}={value:.3f}"
+
+
+def utility_parts(ev: dict[str, Any]) -> str:
+    """All 9 numbers of model utility, e.g. 'retain/probability=0.97 ...' (printed with each run's summary)."""
+    return " ".join(f"{name}={value:.3f}" for value, name in _utility_values(ev))
 
 
 def log_truth_ratio_spread(split: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -378,6 +394,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
             for module in patching.adapter_modules(base, "study").values():
                 module.gate_threshold = t
             ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
+            _say(f"      {label}, model utility's parts: {utility_parts(ev)}")
             drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])
             setting = {**SETTINGS[name], **({"gate_threshold": t} if t is not None else {})}
             out.append({

@@ -61,6 +61,8 @@ def test_weakest_utility_number_is_named():
     splits["world_facts"]["probability"] = 0.25
     assert fs._weakest({"splits": splits}) == "world_facts/probability=0.250"
     assert fs._weakest({"splits": {}}) is None
+    parts = fs.utility_parts({"splits": splits}).split()
+    assert len(parts) == 9 and "world_facts/probability=0.250" in parts and "retain/truth_ratio=0.700" in parts
 
 
 def test_unseen_retain_rows_are_never_evaluation_or_training_rows(tmp_path):
