@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -360,10 +360,10 @@ def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: int,
-                also_threshold: float | None = None) -> list[dict[str, Any]]:
-    """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row, and with
-    ``also_threshold`` a second one for the same adapter deployed with that hard gate threshold (setting
-    ``<name>+t<threshold>``): a paired comparison, free of training noise."""
+                also_thresholds: Sequence[float] = ()) -> list[dict[str, Any]]:
+    """Train one adapter on the base, evaluate base + GRUN, take the adapter off again; one CSV row, and per
+    value of ``also_thresholds`` one more for the same adapter deployed with that hard gate threshold (setting
+    ``<name>+t<threshold>``): paired comparisons, free of training noise."""
     from grun_fast import patching
     from grun_fast.unlearn import unlearn
     from grun_fast.version import __version__
@@ -388,8 +388,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     b = summary(pipe["base_eval"])
     out = []
     try:
-        for label, t in [(name, threshold)] + ([(f"{name}+t{also_threshold}", also_threshold)]
-                                               if also_threshold is not None else []):
+        for label, t in [(name, threshold)] + [(f"{name}+t{t}", t) for t in also_thresholds]:
             # deployed with a hard threshold: tokens whose gate is below it are not edited
             for module in patching.adapter_modules(base, "study").values():
                 module.gate_threshold = t
@@ -601,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=os.environ.get("GRUN_FAST_CACHE") or str(Path.home() / ".cache" / "grun_fast"))
     p.add_argument("--csv", default=str(CSV))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--also-threshold", type=float, metavar="T",
-                   help="evaluate each adapter a second time with gate threshold T (rows named <setting>+tT)")
+    p.add_argument("--also-threshold", type=float, metavar="T", nargs="+", default=[],
+                   help="evaluate each adapter again with gate threshold T, for each T given (rows named "
+                        "<setting>+tT)")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the CSV")
     args = p.parse_args(argv)
     path = Path(args.csv)
@@ -621,10 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = args.split or ["forget01", "forget05"]
     for name in names:   # bad input fails here, before the cache folder is made or any model trained
         split_setting(name)
-    if args.also_threshold is not None:
+    if args.also_threshold:
         from grun_fast.functional import check_threshold
 
-        check_threshold(args.also_threshold)
+        for t in args.also_threshold:
+            check_threshold(t)
     for split in splits:
         load_tofu(split, args.data)
     _check_writable(Path(args.cache))  # a fresh machine has no cache yet
