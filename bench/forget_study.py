@@ -59,7 +59,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                     "lambda_g": 30.0},
     "npo/all/120ep": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120},
     "npo/all/120ep/t0.5": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
-                           "gate_threshold": 0.5},
+                           "deploy_threshold": 0.5},
     "npo/all/120ep/retain5": {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120,
                               "lambda_r": 5.0},
     # the defaults with 200 more retain rows that neither model was trained on (TOFU retain90 rows outside the
@@ -96,7 +96,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # deployed with a hard gate threshold of 0.5 (the edit off where the gate is below it; `--also-threshold 0.5`
     # measures this on the same adapter as the setting without it)
     "npo/3000steps/general80/rank64/suffix3/t0.5": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
-                                                             gate_threshold=0.5),
+                                                             deploy_threshold=0.5),
     # 3 suffixes with a heavier retain term, or a lighter NPO push (the library's forget_scale for npo is 10)
     "npo/3000steps/general80/rank64/suffix3/retain3": npo_steps(3000, answer_suffixes=3, suffix_gate=True,
                                                                 lambda_r=3.0),
@@ -134,6 +134,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0, retain_kl=0.3),
     "simnpo/3000steps/general80/rank64/suffix6/editonly/retain3/beta1": npo_steps(
         3000, method="simnpo", answer_suffixes=6, suffix_gate=False, lambda_r=3.0, beta=1.0),
+    # deployed with threshold 0.5 (--also-threshold 0.5) beta 1 met every target but the retain answers' (seeds
+    # 0-2, ROUGE-L 0.837 against the base's 0.893): the threshold removes small edits the soft-trained adapter
+    # relies on. Trained with the threshold (UnlearnConfig.gate_threshold), the edit learns without them
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1/trained-t0.5": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0, gate_threshold=0.5),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
@@ -165,13 +170,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "simnpo/all": {"method": "simnpo", "positions": "all"},
     "idk/all": {"method": "idk", "positions": "all"},
     # around the first point that moved forget quality (npo/all): gate, deployment threshold, rank, layers, steps
-    "npo/all/t0.5": {"method": "npo", "positions": "all", "gate_threshold": 0.5},
+    "npo/all/t0.5": {"method": "npo", "positions": "all", "deploy_threshold": 0.5},
     "npo/all/linear": {"method": "npo", "positions": "all", "gate": "linear"},
     "npo/all/rank16": {"method": "npo", "positions": "all", "rank": 16},
     "npo/all/layers1-5": {"method": "npo", "positions": "all", "layers": [1, 2, 3, 4, 5]},
     "npo/all/3xsteps": {"method": "npo", "positions": "all", "steps_factor": 3},
     "npo/all/retain5": {"method": "npo", "positions": "all", "lambda_r": 5.0},
-    "npo/all/retain5/t0.5": {"method": "npo", "positions": "all", "lambda_r": 5.0, "gate_threshold": 0.5},
+    "npo/all/retain5/t0.5": {"method": "npo", "positions": "all", "lambda_r": 5.0, "deploy_threshold": 0.5},
 }
 
 
@@ -339,7 +344,7 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
 
 
 # setting keys the study reads itself; every other key is an UnlearnConfig field
-STUDY_KEYS = ("library_defaults", "steps_factor", "gate_threshold", "unseen_retain_rows", "negatives",
+STUDY_KEYS = ("library_defaults", "steps_factor", "deploy_threshold", "unseen_retain_rows", "negatives",
               "retain_suffixes")
 
 
@@ -370,7 +375,8 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
 
     study, overrides = split_setting(name)
     factor = study.get("steps_factor", 1)
-    threshold = study.get("gate_threshold")
+    # deployed with a threshold the adapter was not trained with (deploy_threshold); else as trained
+    threshold = study.get("deploy_threshold", overrides.get("gate_threshold"))
     base, rows = pipe["base"], pipe["rows"]
     retain = rows["retain"] + unseen_retain_rows(pipe, study.get("unseen_retain_rows", 0))
     if "negatives" in study:
@@ -395,7 +401,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
             ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
             _say(f"      {label}, model utility's parts: {utility_parts(ev)}")
             drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])
-            setting = {**SETTINGS[name], **({"gate_threshold": t} if t is not None else {})}
+            setting = {**SETTINGS[name], **({"deploy_threshold": t} if t != overrides.get("gate_threshold") else {})}
             out.append({
                 "split": split, "setting": label, "seed": seed, **summary(ev), **drift,
                 "base_forget_quality": b["forget_quality"], "base_model_utility": b["model_utility"],

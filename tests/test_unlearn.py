@@ -490,6 +490,37 @@ def test_retain_kl_compares_the_edited_with_the_frozen_model_on_the_retain_rows(
     assert torch.allclose(reference.double(), logits[picked].log_softmax(-1), atol=1e-5)
 
 
+def test_gate_threshold_trains_and_deploys_as_set(data, tmp_path, monkeypatch):
+    """gate_threshold holds in training too: at 1.0 no token is ever edited (a sigmoid gate stays below 1), so
+    the forget and retain losses cannot move the edit (R, W, b stay at their initial values) while the gate
+    loss still trains the gate; the saved adapter carries the threshold."""
+    forget, retain = data
+    initial, real_bce = {}, hf_trainer.gate_bce
+    current = []
+
+    def spy_bce(f, r):   # first call: before the first optimiser step, the adapter as initialised
+        initial.setdefault(len(current), adapter_state(current[-1]))
+        return real_bce(f, r)
+    monkeypatch.setattr(hf_trainer, "gate_bce", spy_bce)
+    states = {}
+    for t in (None, 1.0):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        current.append(model)
+        unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=3, gate_threshold=t, out=tmp_path / str(t),
+                **FAST)
+        states[t] = adapter_state(model)
+        assert all(m.gate_threshold == t for m in grun_fast.adapter_modules(model).values())
+        saved = json.loads((tmp_path / str(t) / "adapter_config.json").read_text())["config"]
+        assert saved["gate_threshold"] == t
+    soft, hard = initial[1], initial[2]
+    edit = [k for k in soft if k.split(".", 1)[1] in ("rotation", "weight", "bias")]
+    gate = [k for k in soft if k not in edit]
+    assert len(edit) == 6 and gate
+    assert all(torch.equal(states[1.0][k], hard[k]) for k in edit)
+    assert any(not torch.equal(states[1.0][k], hard[k]) for k in gate)
+    assert any(not torch.equal(states[None][k], soft[k]) for k in edit)
+
+
 def test_steps_default_floor_and_explicit_epochs():
     """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
     from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS

@@ -25,8 +25,9 @@ MIN_DEFAULT_STEPS = 450
 
 # Fields added after checkpoints were first written, with the value that reproduces what a checkpoint written
 # without the field was trained with (resuming it must continue that run, not today's default). Before
-# suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate; before retain_kl, no KL term.
-ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True, "retain_kl": 0.0}
+# suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate; before retain_kl, no KL term;
+# before gate_threshold, the soft gate.
+ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True, "retain_kl": 0.0, "gate_threshold": None}
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -63,6 +64,9 @@ class UnlearnConfig:
         lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
     suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False (default): they train the edit
         only and the gate learns from the whole forget rows, as without suffixes.
+    gate_threshold: train and deploy with this hard gate threshold (tokens whose gate is below it are not
+        edited, in training as in the saved adapter; None: the soft gate edits everywhere). Deploying a
+        threshold on an adapter trained without one removes small edits the trained adapter relies on.
     retain_kl: weight of KL(frozen || edited) between the next-token distributions at the retain answers' tokens,
         next to the retain NLL term (lambda_r), which holds only the answer token's probability (0: off; not rmu).
     save_steps: write a resumable checkpoint every N steps (None: none).
@@ -97,6 +101,7 @@ class UnlearnConfig:
     # 0 by default: forget05 (tiny TOFU, seed 0, the 3 edit-only suffix setting) it kept the retain answers exactly
     # but cost forget quality at every weight tried (0.3: 9.7e-4 -> 1.1e-5; 1: -> 1.8e-5)
     retain_kl: float = 0.0
+    gate_threshold: float | None = None
     forget_scale: float | None = None
     beta: float | None = None
     rmu_coefficient: float = 300.0
@@ -124,6 +129,8 @@ class UnlearnConfig:
             raise GRUNError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.layers is not None:
             self.layers = GRUNConfig(layers=self.layers).layers  # integer check with the core's message
+        if self.gate_threshold is not None:  # range check with the core's message
+            self.gate_threshold = GRUNConfig(layers=[0], gate_threshold=self.gate_threshold).gate_threshold
         if self.gate not in GATES:
             raise GRUNError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.positions not in POSITIONS:
@@ -184,7 +191,7 @@ class UnlearnConfig:
         layers = self.layers if self.layers is not None else default_layers(num_layers)
         config = GRUNConfig(layers=layers, rank=self.rank, gate=self.gate, positions=self.positions)
         return GRUNConfig(layers=config.resolve_layers(num_layers), rank=self.rank, gate=self.gate,
-                          positions=self.positions)
+                          positions=self.positions, gate_threshold=self.gate_threshold)
 
     def steps(self, n_forget: int) -> int:
         """Optimiser steps of a run over ``n_forget`` forget rows: max_steps; else ``epochs`` passes; else
