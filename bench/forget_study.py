@@ -137,11 +137,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # deployed with threshold 0.5 (--also-threshold 0.5) beta 1 met every target but the retain answers' (seeds
     # 0-2, ROUGE-L 0.837 against the base's 0.893): the threshold removes small edits the soft-trained adapter
     # relies on. Trained with the threshold (UnlearnConfig.gate_threshold), the edit learns without them
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1/trained-t0.5": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0, gate_threshold=0.5),
     # a heavier retain term for the retain answers that deployment at 0.5 costs (0.006 ROUGE-L short at retain 3)
     "simnpo/3000steps/general80/rank64/suffix3/editonly/retain4/beta1": npo_steps(
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=4.0, beta=1.0),
-    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1/trained-t0.5": npo_steps(
-        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=3.0, beta=1.0, gate_threshold=0.5),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(

@@ -121,8 +121,8 @@ def test_study_names_a_missing_data_folder_before_making_its_cache(tmp_path):
 def test_study_refuses_a_paired_threshold_outside_0_1_before_any_work(tmp_path):
     (tmp_path / "forget01.json").write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(GRUNError, match="gate_threshold must be a number in \\[0, 1\\], got 1.5"):
-        fs.main(["--data", str(tmp_path), "--split", "forget01", "--settings", "default", "--also-threshold", "0.5", "1.5",
-                 "--cache", str(tmp_path / "c"), "--csv", str(tmp_path / "out.csv")])
+        fs.main(["--data", str(tmp_path), "--split", "forget01", "--settings", "default",
+                 "--also-threshold", "0.5", "1.5", "--cache", str(tmp_path / "c"), "--csv", str(tmp_path / "out.csv")])
     assert not (tmp_path / "c").exists() and not (tmp_path / "out.csv").exists()
 
 
