@@ -142,6 +142,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # a heavier retain term for the retain answers that deployment at 0.5 costs (0.006 ROUGE-L short at retain 3)
     "simnpo/3000steps/general80/rank64/suffix3/editonly/retain4/beta1": npo_steps(
         3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=4.0, beta=1.0),
+    # at 0.5 retain weight 4 lost model utility on the general questions (world facts), where the gate opens
+    # part-way: twice the general rows for it to stay shut on, or training at a lower threshold (0.3) so that
+    # deployment at 0.5 removes fewer edits the adapter relies on
+    "simnpo/3000steps/general160/rank64/suffix3/editonly/retain4/beta1": npo_steps(
+        3000, method="simnpo", negatives="general:160", answer_suffixes=3, suffix_gate=False, lambda_r=4.0, beta=1.0),
+    "simnpo/3000steps/general80/rank64/suffix3/editonly/retain4/beta1/trained-t0.3": npo_steps(
+        3000, method="simnpo", answer_suffixes=3, suffix_gate=False, lambda_r=4.0, beta=1.0, gate_threshold=0.3),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/gate20": npo_steps(
         3000, answer_suffixes=3, suffix_gate=False, lambda_r=3.0, lambda_g=20.0),
     "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5": npo_steps(
