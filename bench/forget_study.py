@@ -406,8 +406,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     try:
         for label, t in [(name, threshold)] + [(f"{name}+t{t}", t) for t in also_thresholds]:
             # deployed with a hard threshold: tokens whose gate is below it are not edited
-            for module in patching.adapter_modules(base, "study").values():
-                module.gate_threshold = t
+            patching.set_gate_threshold(base, t, "study")
             ev = _evaluate(base, pipe["tokenizer"], rows["eval_splits"], pipe["retain_ratios"], pipe["plan"])
             _say(f"      {label}, model utility's parts: {utility_parts(ev)}")
             drift = _format_gate_extremes(base, pipe["tokenizer"], rows["eval_splits"])

@@ -15,6 +15,7 @@ from grun_fast.patching import (
     edit_at,
     patch,
     save_adapter,
+    set_gate_threshold,
     unpatch,
 )
 from grun_fast.version import __version__
@@ -33,6 +34,7 @@ __all__ = [
     "patch",
     "read_adapter",
     "save_adapter",
+    "set_gate_threshold",
     "unpatch",
     "__version__",
 ]

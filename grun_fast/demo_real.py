@@ -128,19 +128,22 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     adapter_dir = out / "adapter"
     result = unlearn(model, tokenizer, forget_rows, retain_rows, method=plan.method, layers=layers,
                      out=adapter_dir, max_steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size, gate=plan.gate,
-                     positions=plan.positions,
+                     positions=plan.positions, deploy_threshold=plan.gate_threshold,
                      seed=plan.seed, progress=False)
     times["unlearn"] = result.train_seconds
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
 
     _say("[4/4] answers and gates with the adapter")
     if plan.gate_threshold is not None:
+        from grun_fast.patching import set_gate_threshold
+
         t0 = time.perf_counter()
+        set_gate_threshold(model, None, result.adapter_name)   # the soft gate the adapter was trained with
         _split_back(rows, _generate(model, tokenizer, everything, plan), "after_soft")
+        set_gate_threshold(model, plan.gate_threshold, result.adapter_name)
         times["answers_soft_gate"] = time.perf_counter() - t0
-        deploy_with_threshold(model, adapter_dir, result.adapter_name, plan.gate_threshold)
-        _say(f"      deployed with gate_threshold {plan.gate_threshold} (rows whose gate is below it are not "
-             f"edited at all); adapter rewritten to {adapter_dir}")
+        _say(f"      deployed (and saved) with gate_threshold {plan.gate_threshold}: rows whose gate is below it "
+             "are not edited at all")
     t0 = time.perf_counter()
     after = _generate(model, tokenizer, everything, plan)
     _split_back(rows, after, "after")
@@ -166,21 +169,6 @@ def _generate(model, tokenizer, rows: list[dict], plan: RealPlan) -> list[str]:
 
     return generate(model, tokenizer, [{"question": r["question"]} for r in rows], template="auto",
                     batch_size=32, max_new_tokens=plan.max_new_tokens)
-
-
-def deploy_with_threshold(model, folder: Path, name: str, threshold: float) -> None:
-    """Re-patch adapter ``name`` (saved in ``folder``) with ``gate_threshold`` and save it so again: a row
-    whose gate stays below the threshold then runs the frozen model bit for bit."""
-    from grun_fast.adapters import read_adapter
-    from grun_fast.config import GRUNConfig
-    from grun_fast.patching import load_adapter_weights, patch, save_adapter, unpatch
-
-    meta, tensors = read_adapter(folder)
-    config = GRUNConfig.from_dict({**meta["config"].to_dict(), "gate_threshold": threshold})
-    unpatch(model, name)
-    patch(model, config, name)
-    load_adapter_weights(model, tensors, name)
-    save_adapter(model, folder, name, prompt_format=meta.get("prompt_format"))
 
 
 def _split_back(rows: dict[str, list[dict]], texts: list[str], field: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -202,6 +202,17 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn
     for item in adapter_names(model) if name is None else [name]:
         for module in adapter_modules(model, item).values():
             yield from module.parameters()
+
+
+def set_gate_threshold(model: nn.Module, threshold: float | None, name: str = DEFAULT_NAME) -> None:
+    """Run adapter `name` with a hard gate threshold from now on: rows whose gate is below it run the frozen
+    model bit for bit (None: the soft gate, which edits everywhere). Set in its modules and in the config
+    `save_adapter` writes. A soft-trained adapter deployed so loses its edits on rows the gate half opens on
+    (general questions, in the forget study), and also small gated edits it may rely on."""
+    config = replace(adapter_config(model, name), gate_threshold=threshold)  # range-checked
+    for module in adapter_modules(model, name).values():
+        module.gate_threshold = config.gate_threshold
+    _state(model).configs[name] = config
 
 
 @contextlib.contextmanager

@@ -70,6 +70,8 @@ def test_grun_config_accepts_and_normalises():
     (dict(retain_kl=1.0, method="rmu"), "retain_kl acts on .*'rmu'"),
     (dict(gate_threshold=1.5), r"gate_threshold must be None or a number in \[0, 1\], got 1.5"),
     (dict(gate_threshold="0.5"), "gate_threshold must be None or a number in"),
+    (dict(deploy_threshold=-0.1), r"deploy_threshold must be None or a number in \[0, 1\], got -0.1"),
+    (dict(deploy_threshold=0.5, gate_threshold=0.5), "gate_threshold .* or deploy_threshold .* not both"),
     (dict(epochs=1.5), r"epochs must be an integer >= 1 \(or unset, for the default\), got 1.5"),
     (dict(max_steps=0), r"max_steps must be an integer >= 1 \(or unset, for the default\), got 0"),
     (dict(template="x"), "unknown prompt template 'x'"),

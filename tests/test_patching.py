@@ -52,12 +52,11 @@ def test_patch_exactness_on_every_architecture(model_type):
     shut_gate(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
+        grun_fast.set_gate_threshold(model, 1.0)
         for module in grun_fast.adapter_modules(model).values():
-            module.gate_threshold = 1.0
             module.gate.bias.fill_(0.0)
         assert torch.equal(model(ids).logits, base)
-        for module in grun_fast.adapter_modules(model).values():
-            module.gate_threshold = None
+        grun_fast.set_gate_threshold(model, None)
 
     open_gate(model)
     positions = torch.tensor([4, 8])
@@ -195,6 +194,34 @@ def test_batched_left_padded_generate_matches_one_by_one(llama):
     with torch.no_grad():
         unpatched = llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert not torch.equal(unpatched, batched)  # the adapter did change the generations
+
+
+def test_set_gate_threshold_runs_and_saves_the_threshold(llama, tmp_path):
+    """A threshold above every gate returns the frozen model bit for bit, None the soft edit again; the saved
+    config carries it; a bad value or name changes nothing."""
+    ids = torch.randint(1, 97, (2, 7))
+    with torch.no_grad():
+        base = llama(ids).logits
+    grun_fast.patch(llama, GRUNConfig(layers=[1, 2], positions="all"))
+    with torch.no_grad():
+        for module in grun_fast.adapter_modules(llama).values():
+            module.gate.bias.fill_(2.0)           # every gate near 0.88, none reaches 0.99
+            module.weight.normal_()
+        soft = llama(ids).logits
+        assert not torch.equal(soft, base)
+        grun_fast.set_gate_threshold(llama, 0.99)
+        assert torch.equal(llama(ids).logits, base)
+        grun_fast.save_adapter(llama, tmp_path / "a")
+        grun_fast.set_gate_threshold(llama, None)
+        assert torch.equal(llama(ids).logits, soft)
+    assert grun_fast.read_adapter(tmp_path / "a")[0]["config"].gate_threshold == 0.99
+    for bad, match in ((1.5, "gate_threshold must be None or a number in"), ("0.5", "gate_threshold")):
+        with pytest.raises(GRUNError, match=match):
+            grun_fast.set_gate_threshold(llama, bad)
+    with pytest.raises(GRUNError, match="no adapter named 'other'"):
+        grun_fast.set_gate_threshold(llama, 0.5, "other")
+    assert grun_fast.adapter_config(llama).gate_threshold is None
+    assert all(m.gate_threshold is None for m in grun_fast.adapter_modules(llama).values())
 
 
 def test_stacked_adapters_apply_in_order_and_remove_by_name(llama):

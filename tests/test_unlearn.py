@@ -521,6 +521,23 @@ def test_gate_threshold_trains_and_deploys_as_set(data, tmp_path, monkeypatch):
     assert any(not torch.equal(states[None][k], soft[k]) for k in edit)
 
 
+def test_deploy_threshold_trains_soft_and_deploys_hard(data, tmp_path):
+    """deploy_threshold: the same training as the soft gate (identical adapter tensors), then the returned and
+    saved adapter runs with the threshold."""
+    forget, retain = data
+    states = {}
+    for t in (None, 0.7):
+        model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+        unlearn(model, tok, forget, retain, layers=[1, 3], max_steps=3, deploy_threshold=t, out=tmp_path / str(t),
+                **FAST)
+        states[t] = adapter_state(model)
+        assert all(m.gate_threshold == t for m in grun_fast.adapter_modules(model).values())
+        assert grun_fast.read_adapter(tmp_path / str(t))[0]["config"].gate_threshold == t
+        assert json.loads((tmp_path / str(t) / "unlearn_config.json").read_text())["deploy_threshold"] == t
+    assert states[None].keys() == states[0.7].keys()
+    assert all(torch.equal(states[None][k], states[0.7][k]) for k in states[None])
+
+
 def test_steps_default_floor_and_explicit_epochs():
     """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
     from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS

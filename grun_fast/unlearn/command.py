@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--gate-threshold", type=float, metavar="T",
                    help="train and deploy with a hard gate threshold: tokens whose gate is below T are not edited "
                         "(default: none, the soft gate)")
+    h.add_argument("--deploy-threshold", type=float, metavar="T",
+                   help="train with the soft gate, then save and return the adapter with hard gate threshold T "
+                        "(not with --gate-threshold)")
     h.add_argument("--forget-scale", type=float, help="forget term multiplier (default: 10 for npo and simnpo, else 1)")
     h.add_argument("--beta", type=float, help="NPO/SimNPO temperature (default: 0.1 for npo, 2.5 for simnpo)")
     h.add_argument("--rmu-coefficient", type=float, default=d.rmu_coefficient)
@@ -122,6 +125,7 @@ def _config(args: argparse.Namespace) -> UnlearnConfig:
         rmu_layer=args.rmu_layer, template=parse_template_arg(args.template),
         augment_formats=not args.no_format_augmentation, answer_suffixes=args.answer_suffixes,
         suffix_gate=args.suffix_gate, retain_kl=args.retain_kl, gate_threshold=args.gate_threshold,
+        deploy_threshold=args.deploy_threshold,
         max_length=args.max_length, seed=args.seed,
         save_steps=args.save_steps, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

@@ -26,8 +26,9 @@ MIN_DEFAULT_STEPS = 450
 # Fields added after checkpoints were first written, with the value that reproduces what a checkpoint written
 # without the field was trained with (resuming it must continue that run, not today's default). Before
 # suffix_gate existed (2026-12-03) the answer-suffix rows always trained the gate; before retain_kl, no KL term;
-# before gate_threshold, the soft gate.
-ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True, "retain_kl": 0.0, "gate_threshold": None}
+# before gate_threshold and deploy_threshold, the soft gate.
+ADDED_FIELDS: dict[str, Any] = {"suffix_gate": True, "retain_kl": 0.0, "gate_threshold": None,
+                                "deploy_threshold": None}
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -67,6 +68,8 @@ class UnlearnConfig:
     gate_threshold: train and deploy with this hard gate threshold (tokens whose gate is below it are not
         edited, in training as in the saved adapter; None: the soft gate edits everywhere). Deploying a
         threshold on an adapter trained without one removes small edits the trained adapter relies on.
+    deploy_threshold: train with the soft gate, then run (and save) the adapter with this hard gate threshold
+        (``grun_fast.set_gate_threshold``): the edits on rows the gate half opens on go. Not with gate_threshold.
     retain_kl: weight of KL(frozen || edited) between the next-token distributions at the retain answers' tokens,
         next to the retain NLL term (lambda_r), which holds only the answer token's probability (0: off; not rmu).
     save_steps: write a resumable checkpoint every N steps (None: none).
@@ -102,6 +105,7 @@ class UnlearnConfig:
     # but cost forget quality at every weight tried (0.3: 9.7e-4 -> 1.1e-5; 1: -> 1.8e-5)
     retain_kl: float = 0.0
     gate_threshold: float | None = None
+    deploy_threshold: float | None = None
     forget_scale: float | None = None
     beta: float | None = None
     rmu_coefficient: float = 300.0
@@ -129,8 +133,15 @@ class UnlearnConfig:
             raise GRUNError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.layers is not None:
             self.layers = GRUNConfig(layers=self.layers).layers  # integer check with the core's message
-        if self.gate_threshold is not None:  # range check with the core's message
-            self.gate_threshold = GRUNConfig(layers=[0], gate_threshold=self.gate_threshold).gate_threshold
+        for name in ("gate_threshold", "deploy_threshold"):  # range check with the core's message
+            if getattr(self, name) is not None:
+                try:
+                    setattr(self, name, GRUNConfig(layers=[0], gate_threshold=getattr(self, name)).gate_threshold)
+                except GRUNError as e:
+                    raise GRUNError(str(e).replace("gate_threshold", name)) from None
+        if self.gate_threshold is not None and self.deploy_threshold is not None:
+            raise GRUNError("set gate_threshold (train and deploy with it) or deploy_threshold (train with the soft "
+                            "gate, deploy with it), not both")
         if self.gate not in GATES:
             raise GRUNError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.positions not in POSITIONS:

@@ -37,7 +37,8 @@ from grun_fast.data.refusals import with_refusals
 from grun_fast.data.suffixes import with_answer_suffixes
 from grun_fast.errors import GRUNError
 from grun_fast.evaluation.report import write_text
-from grun_fast.patching import adapter_modules, adapter_names, adapter_tensors, patch, save_adapter, unpatch
+from grun_fast.patching import (adapter_modules, adapter_names, adapter_tensors, patch, save_adapter,
+                                set_gate_threshold, unpatch)
 from grun_fast.unlearn.config import ADDED_FIELDS, UnlearnConfig
 from grun_fast.unlearn.hf_trainer import CONFIG_NAME, GRUNTrainer, reference_nll
 
@@ -305,6 +306,8 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
+        if config.deploy_threshold is not None:
+            set_gate_threshold(model, config.deploy_threshold, config.adapter_name)
         # FSDP: every process gathers the sharded adapter (a collective); one writes it
         gathered = adapter_tensors(model, config.adapter_name) if out is not None and trainer.is_fsdp_enabled else None
         if out is not None and trainer.args.should_save:
