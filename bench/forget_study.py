@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import math
 import os
 import statistics
 import sys
@@ -49,8 +50,8 @@ def npo_steps(steps: int, **overrides: Any) -> dict[str, Any]:
 
 # Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
 SETTINGS: dict[str, dict[str, Any]] = {
-    # `grun-fast unlearn` exactly as a user gets it: no overrides, its own epochs (no --steps)
-    "default": {"library_defaults": True},
+    # `grun-fast unlearn` as a user got it before version 0.2.0 (V01_DEFAULTS), its own epochs (no --steps)
+    "v0.1-default": {"library_defaults": True},
     # NPO at every token with the library's epochs (40: 80 steps on forget01, 500 on forget05) and variants
     "npo/all/40ep": {"library_defaults": True, "method": "npo", "positions": "all"},
     "npo/all/40ep/retain5": {"library_defaults": True, "method": "npo", "positions": "all", "lambda_r": 5.0},
@@ -65,12 +66,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the defaults with 200 more retain rows that neither model was trained on (TOFU retain90 rows outside the
     # evaluation's retain_perturbed): more varied questions for the gate to stay closed on; the retain term only
     # asks the edit not to change the base's answers to them
-    "default/unseen-retain200": {"library_defaults": True, "unseen_retain_rows": 200},
+    "v0.1-default/unseen-retain200": {"library_defaults": True, "unseen_retain_rows": 200},
     # gate negatives: 80 more retain rows unlike the forget rows, for the gate to stay closed on (`negatives`,
     # see negative_rows); "general" rows are world-facts/real-authors rows outside the evaluation's
-    "default/shuffled80": {"library_defaults": True, "negatives": "shuffled:80"},
-    "default/noise80": {"library_defaults": True, "negatives": "noise:80"},
-    "default/general80": {"library_defaults": True, "negatives": "general:80"},
+    "v0.1-default/shuffled80": {"library_defaults": True, "negatives": "shuffled:80"},
+    "v0.1-default/noise80": {"library_defaults": True, "negatives": "noise:80"},
+    "v0.1-default/general80": {"library_defaults": True, "negatives": "general:80"},
     "npo/all/120ep/shuffled80": {**NPO_ALL_120EP, "negatives": "shuffled:80"},
     "npo/all/120ep/noise80": {**NPO_ALL_120EP, "negatives": "noise:80"},
     "npo/all/120ep/general80": {**NPO_ALL_120EP, "negatives": "general:80"},
@@ -188,6 +189,28 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "npo/all/retain5": {"method": "npo", "positions": "all", "lambda_r": 5.0},
     "npo/all/retain5/t0.5": {"method": "npo", "positions": "all", "lambda_r": 5.0, "deploy_threshold": 0.5},
 }
+
+# UnlearnConfig's defaults before 0.2.0, which every setting above was measured on (the 0.2.0 defaults are the
+# retain-weight-4 point with 160 general rows); pinned so that each setting keeps meaning what it measured
+V01_DEFAULTS: dict[str, Any] = {"method": "npo", "rank": 4, "answer_suffixes": 0}
+V01_SIMNPO: dict[str, Any] = {"beta": 2.5, "lambda_r": 1.0}
+
+
+def v01(setting: dict[str, Any]) -> dict[str, Any]:
+    """``setting`` on the 0.1 defaults; ``v01_steps`` where it took the library's epochs (40, >= 450 steps)."""
+    out = {**V01_DEFAULTS, **setting}
+    if out["method"] == "simnpo":
+        out = {**V01_SIMNPO, **out}
+    if out.get("library_defaults") and out.get("epochs") is None and out.get("max_steps") is None:
+        out["v01_steps"] = True
+    return out
+
+
+SETTINGS = {name: v01(setting) for name, setting in SETTINGS.items()}
+# `grun-fast unlearn` exactly as a user gets it (no overrides, its own epochs), on the pipeline's retain rows and
+# with 160 general rows in the retain set, as the README advises
+SETTINGS["default"] = {"library_defaults": True}
+SETTINGS["default/general160"] = {"library_defaults": True, "negatives": "general:160"}
 
 
 def _say(message: str) -> None:
@@ -355,7 +378,7 @@ def _format_gate_extremes(model, tokenizer, splits) -> dict[str, float]:
 
 # setting keys the study reads itself; every other key is an UnlearnConfig field
 STUDY_KEYS = ("library_defaults", "steps_factor", "deploy_threshold", "unseen_retain_rows", "negatives",
-              "retain_suffixes")
+              "retain_suffixes", "v01_steps")
 
 
 def split_setting(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -395,6 +418,8 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
         from grun_fast.data import with_answer_suffixes
 
         retain = with_answer_suffixes(retain, study["retain_suffixes"], seed=seed)
+    if study.get("v01_steps"):   # 0.1's default: 40 epochs, at least 450 steps
+        overrides = {**overrides, "max_steps": max(math.ceil(40 * len(rows["forget"]) / 16), 450)}
     if study.get("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)

@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
     from grun_fast.unlearn import unlearn
 
     adapter_dir = out / "adapter"
-    # The demo's fast setting: edits at the last prompt token, 150 steps (CI runs it). The library's default
-    # (NPO, a gated edit at every token, at least 450 steps) forgets far more (bench/results/forget_study.md)
-    # and trains several times longer on a CPU.
+    # The demo's fast setting: rank-4 edits at the last prompt token, no answer suffixes, 150 steps (CI runs it).
+    # The library's default (SimNPO, a rank-64 gated edit at every token, answer suffixes, 60 epochs) forgets
+    # far more (bench/results/forget_study.md) and trains many times longer on a CPU.
     result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
-                     max_steps=plan.unlearn_steps, gate="mlp", positions="last_prompt", seed=plan.seed,
-                     progress=True)
+                     max_steps=plan.unlearn_steps, gate="mlp", positions="last_prompt", rank=4, answer_suffixes=0,
+                     seed=plan.seed, progress=True)
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
 
     _say("[4/4] TOFU evaluation of base, retain model and base + GRUN")

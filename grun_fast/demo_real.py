@@ -51,6 +51,7 @@ class RealPlan:
     positions: str = "last_prompt"   # refusals are first-token behaviour; the thresholds were measured so
     layers: tuple[int, ...] = (18, 23, 29)
     gate: str = "linear"
+    rank: int = 4
     gate_threshold: float | None = 0.5
     steps: int = 100
     lr: float = 4e-3
@@ -128,6 +129,7 @@ def run_real(args: argparse.Namespace, plan: RealPlan) -> int:
     adapter_dir = out / "adapter"
     result = unlearn(model, tokenizer, forget_rows, retain_rows, method=plan.method, layers=layers,
                      out=adapter_dir, max_steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size, gate=plan.gate,
+                     rank=plan.rank,
                      positions=plan.positions, deploy_threshold=plan.gate_threshold,
                      seed=plan.seed, progress=False)
     times["unlearn"] = result.train_seconds

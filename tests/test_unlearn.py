@@ -15,7 +15,7 @@ from tests.test_unlearn_runtime import keep_trainers
 from grun_fast.unlearn import TrainingDiverged, UnlearnConfig, default_layers, unlearn
 from grun_fast.unlearn import hf_trainer, trainer as trainer_module
 
-FAST = dict(batch_size=4, progress=False, logging_steps=1)
+FAST = dict(batch_size=4, progress=False, logging_steps=1, rank=4)   # rank: the tests' tiny models (d=32)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypat
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected.append(hf_trainer.answer_nll(logits, batch["labels"])[0])
-    unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, **FAST)
+    unlearn(model, tok, forget, retain, method="npo", layers=[2], max_steps=4, answer_suffixes=0, **FAST)
     # NPO's S_ref per forget row and the retain term's reference per retain row, each for every prompt-format
     # variant (augmentation); the trained format's come first
     n_formats = len(format_variants("auto", tok))
@@ -521,6 +521,25 @@ def test_gate_threshold_trains_and_deploys_as_set(data, tmp_path, monkeypatch):
     assert any(not torch.equal(states[None][k], soft[k]) for k in edit)
 
 
+def test_defaults_are_the_study_point_and_rank_fits_the_model(data, tmp_path):
+    """The defaults are the forget study's forget05 point (SimNPO beta 1, retain weight 4, rank 64, 3 answer
+    suffixes); rank None becomes 64 or the hidden size where smaller, and the saved config records it."""
+    from grun_fast.unlearn.config import DEFAULT_RANK
+
+    c = UnlearnConfig()
+    assert (c.method, c.beta, c.lambda_r, c.rank, c.answer_suffixes, c.positions) == ("simnpo", 1.0, 4.0, None, 3, "all")
+    assert (c.for_model(4, 2048).rank, c.for_model(4, 32).rank, DEFAULT_RANK) == (64, 32, 64)
+    assert UnlearnConfig(rank=8).for_model(4, 2048).rank == 8
+    assert [UnlearnConfig(method=m).answer_suffixes for m in ("npo", "gd", "idk", "rmu")] == [3, 0, 0, 0]
+    with pytest.raises(GRUNError, match="rank is unset"):
+        c.grun_config(4)
+    forget, retain = data
+    model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
+    unlearn(model, tok, forget, retain, layers=[3], max_steps=1, out=tmp_path, progress=False)
+    assert grun_fast.adapter_config(model).rank == 32
+    assert json.loads((tmp_path / "unlearn_config.json").read_text())["rank"] == 32
+
+
 def test_deploy_threshold_trains_soft_and_deploys_hard(data, tmp_path):
     """deploy_threshold: the same training as the soft gate (identical adapter tensors), then the returned and
     saved adapter runs with the threshold."""
@@ -539,13 +558,13 @@ def test_deploy_threshold_trains_soft_and_deploys_hard(data, tmp_path):
 
 
 def test_steps_default_floor_and_explicit_epochs():
-    """epochs=None: 40 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
+    """epochs=None: 60 passes but at least MIN_DEFAULT_STEPS; explicit epochs and max_steps are taken as given."""
     from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS
 
     config = UnlearnConfig()
-    assert config.epochs is None
-    assert config.steps(20) == MIN_DEFAULT_STEPS                      # 40 x 20 / 16 = 50 steps: floored
-    assert config.steps(1000) == DEFAULT_EPOCHS * 1000 // 16          # 2500 > the floor
+    assert config.epochs is None and DEFAULT_EPOCHS == 60
+    assert config.steps(20) == MIN_DEFAULT_STEPS                      # 60 x 20 / 16 = 75 steps: floored
+    assert config.steps(800) == 3000                                  # forget05 with 3 suffixes: the study's
     assert UnlearnConfig(epochs=1).steps(20) == 2
-    assert UnlearnConfig(epochs=DEFAULT_EPOCHS).steps(20) == 50
+    assert UnlearnConfig(epochs=DEFAULT_EPOCHS).steps(20) == 75
     assert UnlearnConfig(max_steps=7, epochs=3).steps(1000) == 7

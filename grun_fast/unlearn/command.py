@@ -18,7 +18,7 @@ from pathlib import Path
 from grun_fast.data.prompts import parse_template_arg
 from grun_fast.errors import GRUNError
 from grun_fast.models import MODEL_HELP
-from grun_fast.unlearn.config import DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, UnlearnConfig
+from grun_fast.unlearn.config import DEFAULT_EPOCHS, DEFAULT_RANK, MIN_DEFAULT_STEPS, UnlearnConfig
 from grun_fast.unlearn.losses import METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("method")
     m.add_argument("--method", choices=METHODS, default=d.method, help="forget objective")
     m.add_argument("--layers", type=_layers, help="decoder layers to edit, e.g. 20,25,31 (default ~62/78/100%% depth)")
-    m.add_argument("--rank", type=int, default=d.rank)
+    m.add_argument("--rank", type=int,
+                   help=f"rank of the edit (default: {DEFAULT_RANK}, or the hidden size where smaller)")
     m.add_argument("--gate", choices=("linear", "mlp"), default=d.gate)
     m.add_argument("--positions", choices=("last_prompt", "all", "mask"), default=d.positions)
     m.add_argument("--adapter-name", default=d.adapter_name, help="name of the new adapter (stacking)")
@@ -71,9 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train on the format itself only (default: each row's prompt drawn from its variants: "
                         "trailing space/newline or none, chat with/without system prompt, the bare question)")
 
-    m.add_argument("--answer-suffixes", type=int, default=d.answer_suffixes, metavar="N",
+    m.add_argument("--answer-suffixes", type=int, metavar="N",
                    help="per forget row, N extra rows whose answer starts at a later word, so that reworded "
-                        "answers are suppressed too (default 0; not with --method idk)")
+                        "answers are suppressed too (default: 3 for npo and simnpo, else 0; not with --method idk)")
     m.add_argument("--suffix-gate", action="store_true",
                    help="train the gate on the suffix rows too (default: they train the edit only, the gate "
                         "learns from whole rows; gated suffixes opened it on more general answers)")
@@ -99,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train with the soft gate, then save and return the adapter with hard gate threshold T "
                         "(not with --gate-threshold)")
     h.add_argument("--forget-scale", type=float, help="forget term multiplier (default: 10 for npo and simnpo, else 1)")
-    h.add_argument("--beta", type=float, help="NPO/SimNPO temperature (default: 0.1 for npo, 2.5 for simnpo)")
+    h.add_argument("--beta", type=float, help="NPO/SimNPO temperature (default: 0.1 for npo, 1 for simnpo)")
     h.add_argument("--rmu-coefficient", type=float, default=d.rmu_coefficient)
     h.add_argument("--rmu-layer", type=int)
     h.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")

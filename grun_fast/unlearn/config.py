@@ -19,8 +19,16 @@ DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
 # every token needs a sharp per-token gate, and the gate sharpens with steps, not passes: tiny TOFU forget01
 # (20 rows, NPO, every token) at 40 epochs = 50 steps: gates 0.63 forget / 0.14 retain, retain ROUGE-L -0.19;
 # at 450 steps 0.97 / 0.01 and -0.03 (bench/results/forget_study.md).
-DEFAULT_EPOCHS = 40
+# 60 passes over the forget rows with their answer suffixes (3000 steps on forget05 with 3 suffixes, 600 on
+# forget01): the forget study's forget05 point that met every target.
+DEFAULT_EPOCHS = 60
 MIN_DEFAULT_STEPS = 450
+# rank=None: this rank, or the hidden size where that is smaller (tiny models). On forget05 (tiny TOFU, NPO at
+# every token, 1500 steps, seeds 0-2) rank 64 against 4 raised forget quality ~100x at the same model utility.
+DEFAULT_RANK = 64
+# answer_suffixes=None: this many per forget row for the likelihood objectives, 0 for the others (idk trains on
+# refusals; gd and rmu were not measured with them).
+DEFAULT_ANSWER_SUFFIXES = {"npo": 3, "simnpo": 3}
 
 
 # Fields added after checkpoints were first written, with the value that reproduces what a checkpoint written
@@ -47,11 +55,13 @@ class UnlearnConfig:
     """Hyperparameters of one GRUN run (defaults: GRUN.md section 4).
 
     layers: decoder layers to edit (None: ~62 %, 78 % and 100 % of depth, as in the reference code).
+    rank: rank of the edit (None: DEFAULT_RANK, or the model's hidden size where smaller; ``for_model``).
     batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
     epochs: passes over the forget set; None (default): DEFAULT_EPOCHS passes and at least MIN_DEFAULT_STEPS
         steps. max_steps, when set, wins (``steps``).
-    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo, simnpo: 1 and 10; idk, rmu: 1, 1).
-    beta: NPO/SimNPO temperature; None picks the method's (npo 0.1 on summed NLL, simnpo 2.5 on mean NLL).
+    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 10; simnpo: 4 and 10;
+        idk, rmu: 1, 1).
+    beta: NPO/SimNPO temperature; None picks the method's (npo 0.1 on summed NLL, simnpo 1 on mean NLL).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
     template: prompt format: "auto" (the tokenizer's chat template when it has one, else "plain"), "plain",
@@ -62,7 +72,8 @@ class UnlearnConfig:
         chat with/without system prompt, the bare question), so the gate learns the content, not the format.
     answer_suffixes: per forget row, this many extra forget rows whose answer starts at a later word (seeded;
         ``grun_fast.data.with_answer_suffixes``), so that the edit also suppresses the answer's facts after other
-        lead-ins (a reworded answer); epochs count passes over the enlarged set. Not with idk (refusal targets).
+        lead-ins (a reworded answer); epochs count passes over the enlarged set. None: 3 for npo and simnpo, else
+        0. Not with idk (refusal targets).
     suffix_gate: whether the answer-suffix rows also train the gate (-> 1). False (default): they train the edit
         only and the gate learns from the whole forget rows, as without suffixes.
     gate_threshold: train and deploy with this hard gate threshold (tokens whose gate is below it are not
@@ -79,13 +90,12 @@ class UnlearnConfig:
         the adapter cannot change) within that budget, and run each step on the answer part only.
     """
 
-    # NPO with a gated edit at every token: the setting of bench/forget_study.py that moved TOFU forget
-    # quality (tiny pipeline, forget01, 450 steps, seeds 0-2: 1.9e-6 -> 0.92, retain ROUGE-L -0.03; last_prompt
-    # edits of every objective left it at the base's; forget05 with few retain rows: no setting kept model
-    # utility; see bench/results/forget_study.md).
-    method: str = "npo"
+    # SimNPO (beta 1, retain weight 4) with a rank-64 gated edit at every token and 3 answer suffixes per forget
+    # row, 60 epochs: the forget study's point that met every target on forget05 with general rows in the
+    # retain set (bench/results/forget_study.md). Edits at the last prompt token left forget quality at the base's.
+    method: str = "simnpo"
     layers: list[int] | None = None
-    rank: int = 4
+    rank: int | None = None
     # MLP gate by default: with prompt-format augmentation (on by default) a linear gate cannot tell forget from
     # retain rows across formats. Tiny TOFU (20 forget01 + 80 retain rows, NPO x10, 120 steps, seeds 0-2,
     # medians): linear retain ROUGE-L 0.997 -> 0.886, gates 0.946 / 0.179; mlp 0.997 -> 0.997, 0.9996 / 0.004.
@@ -112,9 +122,7 @@ class UnlearnConfig:
     rmu_layer: int | None = None
     template: str = "auto"
     augment_formats: bool = True
-    # 0 by default: on forget05 (tiny TOFU, seed 0, 2000 steps, rank 64, 80 general rows) one suffix per row raised
-    # forget quality 1.8e-4 -> 2.1e-3 but cost model utility (0.83 -> 0.70); see bench/results/forget_study.md
-    answer_suffixes: int = 0
+    answer_suffixes: int | None = None
     # False by default: forget05 (tiny TOFU, 3000 steps, rank 64, 80 general rows, 3 suffixes, retain weight 3,
     # seeds 0-2) gated suffixes: FQ 4.3e-4 / MU 0.747 (medians); edit-only: 3.0e-3 / 0.813
     suffix_gate: bool = False
@@ -148,6 +156,8 @@ class UnlearnConfig:
             raise GRUNError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         for name in ("batch_size", "rank", "max_length", "logging_steps", "reference_batch_size"):
             value = getattr(self, name)
+            if name == "rank" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GRUNError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("epochs", "max_steps", "save_steps"):
@@ -172,6 +182,8 @@ class UnlearnConfig:
         for name in ("gradient_checkpointing", "progress", "augment_formats", "suffix_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise GRUNError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.answer_suffixes is None:
+            self.answer_suffixes = DEFAULT_ANSWER_SUFFIXES.get(self.method, 0)
         for name in ("answer_suffixes", "cache_lower_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -197,8 +209,17 @@ class UnlearnConfig:
         if self.forget_scale is None:
             self.forget_scale = DEFAULT_FORGET_SCALE[self.method]
 
+    def for_model(self, num_layers: int, hidden_size: int) -> "UnlearnConfig":
+        """This config with what depends on the model filled in: rank None -> DEFAULT_RANK, or the hidden size
+        where that is smaller."""
+        if self.rank is not None:
+            return self
+        return dataclasses.replace(self, rank=min(DEFAULT_RANK, hidden_size))
+
     def grun_config(self, num_layers: int) -> GRUNConfig:
         """The adapter's GRUNConfig, layers resolved (and range-checked) for a model of ``num_layers``."""
+        if self.rank is None:
+            raise GRUNError("rank is unset: resolve it for the model first (UnlearnConfig.for_model)")
         layers = self.layers if self.layers is not None else default_layers(num_layers)
         config = GRUNConfig(layers=layers, rank=self.rank, gate=self.gate, positions=self.positions)
         return GRUNConfig(layers=config.resolve_layers(num_layers), rank=self.rank, gate=self.gate,
