@@ -48,7 +48,8 @@ def npo_steps(steps: int, **overrides: Any) -> dict[str, Any]:
     return {**NPO_ALL_120EP, "epochs": None, "max_steps": steps, "rank": 64, "negatives": "general:80", **overrides}
 
 
-# Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s defaults (plus the plan's steps).
+# Each setting: UnlearnConfig overrides on top of `grun-fast unlearn`'s 0.1 defaults (V01_DEFAULTS, below), plus
+# the plan's steps.
 SETTINGS: dict[str, dict[str, Any]] = {
     # `grun-fast unlearn` as a user got it before version 0.2.0 (V01_DEFAULTS), its own epochs (no --steps)
     "v0.1-default": {"library_defaults": True},

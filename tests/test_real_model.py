@@ -141,8 +141,8 @@ def test_bfloat16_generation_is_finite(smollm2):
 # ----------------------------------------------------------------------------------------------- unlearning
 # One short augmented unlearning run (gated IDK, 10 Harry Potter questions against 16 general ones, the
 # model's own answers as truth) shared by the round-trip and format-variant tests below.
-SHORT_RUN = dict(method="idk", positions="last_prompt", layers=[18, 23, 29], max_steps=20, batch_size=8, seed=0,
-                 progress=False)   # the real-model demo's setting
+SHORT_RUN = dict(method="idk", positions="last_prompt", layers=[18, 23, 29], rank=4, max_steps=20, batch_size=8,
+                 seed=0, progress=False)   # the real-model demo's setting
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,9 @@ def mean_gate(model, tok, rows):
 def check_forgets(model, tok, forget, retain, method, **kwargs):
     before = rouge(model, tok, forget), rouge(model, tok, retain)
     assert before[0] > 0.9 and before[1] > 0.9, f"the base did not memorise its rows: {before}"
-    # GRUN.md section 8's setting: the edit at the last prompt token (the gate read there below)
-    unlearn(model, tok, forget, retain, method=method, progress=False, **{"positions": "last_prompt", **kwargs})
+    # GRUN.md section 8's setting: a rank-4 edit at the last prompt token (the gate read there below), whole rows
+    unlearn(model, tok, forget, retain, method=method, progress=False,
+            **{"positions": "last_prompt", "rank": 4, "answer_suffixes": 0, **kwargs})
     after = rouge(model, tok, forget), rouge(model, tok, retain)
     gates = mean_gate(model, tok, forget), mean_gate(model, tok, retain)
     print(f"{method}: ROUGE-L forget {before[0]:.3f} -> {after[0]:.3f}, retain {before[1]:.3f} -> {after[1]:.3f}; "
@@ -63,7 +64,7 @@ def tofu_base():
     return forget, retain, model, tok
 
 
-# Each method at the library's defaults (NPO: forget_scale 10, DEFAULT_FORGET_SCALE, chosen on this setting).
+# Each method's defaults (NPO: forget_scale 10, DEFAULT_FORGET_SCALE, chosen on this setting), GRUN.md's edit.
 @pytest.mark.parametrize("method", ["gd", "npo"])
 def test_grun_forgets_tofu_rows_on_a_memorising_model(tofu_base, method):
     forget, retain, model, tok = tofu_base
