@@ -22,8 +22,10 @@ from tests.test_unlearn_command import write_cli_inputs
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "accelerate_fsdp.yaml"
 pytestmark = pytest.mark.slow
+# rank 4: the tolerance below was measured there. AdamW turns the fp32 sum-order noise of near-zero gradients into
+# whole lr-sized steps, and a wider edit has more such directions (rank 32 on these d=32 models: gap 2e-3).
 ARGS = ["--max-steps", "4", "--batch-size", "8", "--layers", "1,3", "--method", "npo", "--no-progress",
-        "--save-steps", "2"]
+        "--save-steps", "2", "--rank", "4"]
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ from grun_fast.testing import make_tiny_tokenizer, untrained_tiny
 from grun_fast.unlearn import TrainingDiverged, unlearn
 from grun_fast.unlearn import hf_trainer, trainer as trainer_module
 
-FAST = dict(batch_size=4, progress=False, logging_steps=1, rank=4)   # rank: the tests' tiny models (d=32)
+FAST = dict(batch_size=4, progress=False, logging_steps=1, rank=4)   # the shapes and tolerances written for rank 4
 
 
 @pytest.fixture(scope="module")

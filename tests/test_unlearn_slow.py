@@ -82,7 +82,7 @@ def test_two_cpu_processes_give_the_one_process_adapter(tmp_path):
     rows = write_cli_inputs(tmp_path)
     args = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
             "--retain", str(tmp_path / "retain.jsonl"), "--max-steps", "4", "--batch-size", "8",
-            "--layers", "1,3", "--method", "npo", "--no-progress"]
+            "--layers", "1,3", "--method", "npo", "--rank", "4", "--no-progress"]   # rank: as start below
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")

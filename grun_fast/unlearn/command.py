@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--method", choices=METHODS, default=d.method, help="forget objective")
     m.add_argument("--layers", type=_layers, help="decoder layers to edit, e.g. 20,25,31 (default ~62/78/100%% depth)")
     m.add_argument("--rank", type=int,
-                   help=f"rank of the edit (default: {DEFAULT_RANK}, or the hidden size where smaller)")
+                   help=f"rank of the edit (default: {DEFAULT_RANK}, or half the hidden size where smaller)")
     m.add_argument("--gate", choices=("linear", "mlp"), default=d.gate)
     m.add_argument("--positions", choices=("last_prompt", "all", "mask"), default=d.positions)
     m.add_argument("--adapter-name", default=d.adapter_name, help="name of the new adapter (stacking)")
