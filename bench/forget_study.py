@@ -212,6 +212,10 @@ SETTINGS = {name: v01(setting) for name, setting in SETTINGS.items()}
 # with 160 general rows in the retain set, as the README advises
 SETTINGS["default"] = {"library_defaults": True}
 SETTINGS["default/general160"] = {"library_defaults": True, "negatives": "general:160"}
+# forget01's truth ratios overshoot at the defaults (past the retain model's): half the epochs, or a narrower edit
+SETTINGS["default/general160/30ep"] = {"library_defaults": True, "negatives": "general:160", "epochs": 30}
+SETTINGS["default/general160/45ep"] = {"library_defaults": True, "negatives": "general:160", "epochs": 45}
+SETTINGS["default/general160/rank16"] = {"library_defaults": True, "negatives": "general:160", "rank": 16}
 
 
 def _say(message: str) -> None:
