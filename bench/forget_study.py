@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import math
 import os
 import statistics
 import sys
@@ -409,6 +408,7 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
     ``<name>+t<threshold>``): paired comparisons, free of training noise."""
     from grun_fast import patching
     from grun_fast.unlearn import unlearn
+    from grun_fast.unlearn.config import MIN_DEFAULT_STEPS, UnlearnConfig
     from grun_fast.version import __version__
 
     study, overrides = split_setting(name)
@@ -423,8 +423,9 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
         from grun_fast.data import with_answer_suffixes
 
         retain = with_answer_suffixes(retain, study["retain_suffixes"], seed=seed)
-    if study.get("v01_steps"):   # 0.1's default: 40 epochs, at least 450 steps
-        overrides = {**overrides, "max_steps": max(math.ceil(40 * len(rows["forget"]) / 16), 450)}
+    if study.get("v01_steps"):   # 0.1's default: 40 epochs, at least MIN_DEFAULT_STEPS (450 then and now)
+        steps_v01 = UnlearnConfig(**{**overrides, "epochs": 40}).steps(len(rows["forget"]))
+        overrides = {**overrides, "max_steps": max(steps_v01, MIN_DEFAULT_STEPS)}
     if study.get("library_defaults", False):
         result = unlearn(base, pipe["tokenizer"], rows["forget"], retain, seed=seed, progress=False,
                          adapter_name="study", **overrides)

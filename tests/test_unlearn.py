@@ -528,8 +528,8 @@ def test_defaults_are_the_study_point_and_rank_fits_the_model(data, tmp_path):
 
     c = UnlearnConfig()
     assert (c.method, c.beta, c.lambda_r, c.rank, c.answer_suffixes, c.positions) == ("simnpo", 1.0, 4.0, None, 3, "all")
-    assert (c.for_model(4, 2048).rank, c.for_model(4, 32).rank, c.for_model(1, 1).rank, DEFAULT_RANK) == (64, 16, 1, 64)
-    assert UnlearnConfig(rank=8).for_model(4, 2048).rank == 8
+    assert (c.for_model(2048).rank, c.for_model(32).rank, c.for_model(1).rank, DEFAULT_RANK) == (64, 16, 1, 64)
+    assert UnlearnConfig(rank=8).for_model(2048).rank == 8
     assert [UnlearnConfig(method=m).answer_suffixes for m in ("npo", "gd", "idk", "rmu")] == [3, 0, 0, 0]
     with pytest.raises(GRUNError, match="rank is unset"):
         c.grun_config(4)

@@ -210,7 +210,7 @@ class UnlearnConfig:
         if self.forget_scale is None:
             self.forget_scale = DEFAULT_FORGET_SCALE[self.method]
 
-    def for_model(self, num_layers: int, hidden_size: int) -> "UnlearnConfig":
+    def for_model(self, hidden_size: int) -> "UnlearnConfig":
         """This config with what depends on the model filled in: rank None -> DEFAULT_RANK, or half the hidden size
         where that is smaller."""
         if self.rank is not None:
