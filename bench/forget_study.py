@@ -36,7 +36,7 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
           "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
           "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest",
           "format_gate_forget_min", "format_gate_retain_max", "forget_log_truth_ratio_median",
-          "forget_log_truth_ratio_sd", "retain_model_log_truth_ratio_sd"]
+          "forget_log_truth_ratio_sd", "retain_model_log_truth_ratio_sd", "forget_nll", "train_forget_nll"]
 
 # NPO at every token for 120 epochs (1500 steps on forget05): the base of the gate-negative settings below
 NPO_ALL_120EP: dict[str, Any] = {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120}
@@ -211,10 +211,17 @@ SETTINGS = {name: v01(setting) for name, setting in SETTINGS.items()}
 # with 160 general rows in the retain set, as the README advises
 SETTINGS["default"] = {"library_defaults": True}
 SETTINGS["default/general160"] = {"library_defaults": True, "negatives": "general:160"}
-# forget01's truth ratios overshoot at the defaults (past the retain model's): half the epochs, or a narrower edit
-SETTINGS["default/general160/30ep"] = {"library_defaults": True, "negatives": "general:160", "epochs": 30}
-SETTINGS["default/general160/45ep"] = {"library_defaults": True, "negatives": "general:160", "epochs": 45}
-SETTINGS["default/general160/rank16"] = {"library_defaults": True, "negatives": "general:160", "rank": 16}
+# 0.2.0's defaults on forget01 (SimNPO beta 1 for every size; on forget05, 200 rows, today's beta is 1 too): the
+# truth ratios overshoot past the retain model's. Around it: half the epochs, or a narrower edit
+SETTINGS["default/beta1"] = {"library_defaults": True, "beta": 1.0}
+SETTINGS["default/general160/beta1"] = {"library_defaults": True, "negatives": "general:160", "beta": 1.0}
+SETTINGS["default/general160/beta1/30ep"] = {**SETTINGS["default/general160/beta1"], "epochs": 30}
+SETTINGS["default/general160/beta1/45ep"] = {**SETTINGS["default/general160/beta1"], "epochs": 45}
+SETTINGS["default/general160/beta1/rank16"] = {**SETTINGS["default/general160/beta1"], "rank": 16}
+# SimNPO beta 2: the push saturates at about half the forget answers' NLL of beta 1 (training log, forget01 seed 0:
+# 6.6 vs 12.4 nats per token at the end); 0.2.1's default for 40 forget rows
+SETTINGS["default/beta2"] = {"library_defaults": True, "beta": 2.0}
+SETTINGS["default/general160/beta2"] = {"library_defaults": True, "negatives": "general:160", "beta": 2.0}
 
 
 def _say(message: str) -> None:
@@ -355,7 +362,10 @@ def log_truth_ratio_spread(split: dict[str, Any]) -> tuple[float | None, float |
 
 
 def summary(ev: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
     forget, retain = ev["splits"]["forget"], ev["splits"]["retain"]
+    nlls = [r["nll"] for r in forget.get("rows") or [] if r.get("nll") is not None]
     median, sd = log_truth_ratio_spread(forget)
     return {
         "forget_log_truth_ratio_median": median, "forget_log_truth_ratio_sd": sd,
@@ -366,6 +376,7 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
         "forget_truth_ratio": forget.get("truth_ratio"),
         "utility_weakest": _weakest(ev),
         "gate_forget": _gate(forget), "gate_retain": _gate(retain),
+        "forget_nll": float(np.mean(nlls)) if nlls else None,   # the forget answers' mean token NLL
         "forget_leaks": (forget.get("leaks") or {}).get("count"),
     }
 
@@ -449,6 +460,8 @@ def run_setting(pipe: dict[str, Any], split: str, name: str, seed: int, steps: i
                 "retain_model_utility": pipe["retain_eval"].get("model_utility"),
                 "retain_model_log_truth_ratio_sd": log_truth_ratio_spread(pipe["retain_eval"]["splits"]["forget"])[1],
                 "train_seconds": round(result.train_seconds, 1),
+                "train_forget_nll": next((e["forget_nll"] for e in reversed(result.log_history) if "forget_nll" in e),
+                                         None),
                 "overrides": ";".join(f"{k}={v}" for k, v in {**setting, "steps": result.global_step}.items()),
                 "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "version": __version__,
             })
@@ -501,7 +514,7 @@ def medians(path: Path = CSV) -> list[dict[str, Any]]:
     for (split, setting), rs in groups.items():
         entry: dict[str, Any] = {"split": split, "setting": setting, "seeds": len(rs)}
         for k in FIELDS:
-            values = [v for v in (_num(r[k]) for r in rs) if v is not None]
+            values = [v for v in (_num(r.get(k)) for r in rs) if v is not None]   # older files lack new columns
             if values and k not in ("seed",):
                 entry[k] = statistics.median(values)
         out.append(entry)
@@ -567,69 +580,127 @@ def _pareto_front(points: list[tuple[float, float]]) -> set[tuple[float, float]]
     return {p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)}
 
 
-def _annotate(ax: Any, labels: list[tuple[float, float, str]], middle: float, line_pt: float = 9.0) -> None:
+def _wrap(text: str, width: int) -> str:
+    """``text`` broken after "/" into lines of at most ``width`` characters (a longer segment stays whole)."""
+    lines, line = [], ""
+    for part in text.split("/"):
+        if line and len(line) + 1 + len(part) > width:
+            lines.append(line + "/")
+            line = part
+        else:
+            line = f"{line}/{part}" if line else part
+    return "\n".join(lines + [line])
+
+
+def _annotate(ax: Any, labels: list[tuple[float, float, str]], middle: float, line_pt: float = 9.0,
+              wrap: int | None = None) -> None:
     """Name each point; labels on the right half run leftwards (to stay inside the panel), and a label that
-    would land within a line of one already placed moves down a line, until it is clear (no overlaps)."""
+    would overlap one already placed on its side moves down a line at a time, until it is clear. ``wrap``: break
+    labels after "/" into lines of at most that many characters."""
     to_points = 72.0 / ax.figure.dpi
-    placed: list[tuple[float, bool]] = []   # label heights in points, and whether each runs leftwards
+    placed: list[tuple[float, float, bool]] = []   # each label's top and bottom in points, and its side
     for x, y, text in sorted(labels, key=lambda p: -p[1]):   # top to bottom
+        text = _wrap(text, wrap) if wrap else text
+        height = line_pt * (text.count("\n") + 1)
         py = ax.transData.transform((x, y))[1] * to_points
         right = x > middle
         dy = 3.0
-        # the same side of the panel and within a line vertically: overlapping text
-        while any(r == right and abs(py + dy - qy) < line_pt for qy, r in placed):
+
+        def clashes(dy: float) -> bool:
+            top = py + dy + line_pt
+            return any(r == right and top > q_bottom and top - height < q_top for q_top, q_bottom, r in placed)
+        while clashes(dy):
             dy -= line_pt
-        placed.append((py + dy, right))
-        ax.annotate(text, (x, y), fontsize=7, xytext=(-3 if right else 3, dy), textcoords="offset points",
-                    ha="right" if right else "left",   # a moved label keeps a thin line to its point
+        placed.append((py + dy + line_pt, py + dy + line_pt - height, right))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(-3 if right else 3, dy + line_pt), textcoords="offset points",
+                    ha="right" if right else "left", va="top",   # a moved label keeps a thin line to its point
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy < 0 else None)
 
 
+def _zoom_window(rows: list[dict[str, Any]]) -> tuple[float, float, float, float] | None:
+    """(x0, x1, y0, y1) around the targets' corner (forget quality >= 1e-3, model utility >= 0.85x the base's) where
+    some setting lands there; else None."""
+    if not rows:
+        return None
+    base_mu = rows[0]["base_model_utility"]
+    xs = [m["model_utility"] for m in rows if m["forget_quality"] >= 1e-3 and m["model_utility"] >= 0.85 * base_mu]
+    if not xs:
+        return None
+    x0 = min(min(xs), 0.9 * base_mu)
+    x1 = max(xs + [rows[0].get("retain_model_utility") or 0.0])
+    pad = 0.05 * (x1 - x0) or 0.01
+    return x0 - pad, x1 + pad, 1e-3, 2.0
+
+
+def _panel(ax: Any, rows: list[dict[str, Any]], title: str,
+           window: tuple[float, float, float, float] | None = None, wrap: int | None = None,
+           named_below: tuple[float, float, float, float] | None = None) -> None:
+    """One split's settings (within ``window`` when given): the trade-off front and the default named (but not
+    within ``named_below``, the zoom panel's window, which names them), the rest grey dots; base, retain model and
+    the target region marked."""
+    points: dict[tuple[float, float], list[str]] = {}   # settings that land on the same point share a label
+    for m in rows:
+        x, y = m["model_utility"], m["forget_quality"]
+        if window is None or (window[0] <= x <= window[1] and window[2] <= y <= window[3]):
+            points.setdefault((x, y), []).append(m["setting"])
+    front = _pareto_front(list(points))
+    ref = rows[0] if rows else None
+    xs = [x for x, _ in points] + [ref[k] for k in ("base_model_utility", "retain_model_utility")
+                                   if ref and ref.get(k) is not None and window is None]
+    middle = (min(xs) + max(xs)) / 2 if xs else 0.0   # labels of points right of it run leftwards
+    labels: list[tuple[float, float, str]] = []
+    for (x, y), names in sorted(points.items()):
+        if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
+            ax.scatter(x, y, s=14, c="0.7")
+            continue
+        ax.scatter(x, y, s=30)
+        if named_below is None or not (named_below[0] <= x <= named_below[1] and named_below[2] <= y <= named_below[3]):
+            labels.append((x, y, " = ".join(sorted(names, key=lambda n: (n != "default", n)))))
+    if ref:
+        if window is None or window[0] <= ref["base_model_utility"] <= window[1] and ref["base_forget_quality"] >= 1e-3:
+            ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
+        ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
+    ax.set_yscale("log")
+    if any((p not in front) and "default" not in names for p, names in points.items()):   # some grey dots
+        ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
+    ax.axhline(0.01, ls=":", c="grey", lw=1)
+    if window is not None:
+        ax.set_xlim(window[0], window[1])
+        ax.set_ylim(window[2], window[3])
+    if ref:   # the study's target region: forget quality >= 0.01, model utility >= 0.9x the base's
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        ax.fill_between([0.9 * ref["base_model_utility"], x1], 0.01, y1, color="g", alpha=0.08,
+                        label="targets (FQ, MU)")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+    _annotate(ax, labels, middle, wrap=wrap)   # once the limits are final: it works in display coordinates
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left" if window is None else "best")
+
+
 def plot(entries: list[dict[str, Any]], path: Path) -> Path:
-    """Forget quality (log) against model utility, one panel per split, base and retain model marked; only the
-    settings on the trade-off front (and the default) are named, the rest are grey dots."""
+    """Forget quality (log) against model utility, one column per split: every setting above, and below a zoom on
+    the corner of the targets where settings crowd (the front there named anew)."""
     from grun_fast.evaluation.report import _pyplot, _save_figure
 
     plt = _pyplot()
     splits = sorted({m["split"] for m in entries})
-    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False,
-                             gridspec_kw={"wspace": 0.3})
-    for ax, split in zip(axes[0], splits):
-        rows = [m for m in entries if m["split"] == split and m.get("forget_quality") is not None]
-        points: dict[tuple[float, float], list[str]] = {}   # settings that land on the same point share a label
-        for m in rows:
-            points.setdefault((m["model_utility"], m["forget_quality"]), []).append(m["setting"])
-        front = _pareto_front(list(points))
-        # labels of points on the right half run leftwards, so that they stay inside the panel
-        xs = [x for x, _ in points] + [m[k] for m in rows[:1] for k in ("base_model_utility", "retain_model_utility")
-                                       if m.get(k) is not None]
-        middle = (min(xs) + max(xs)) / 2 if xs else 0.0
-        labels: list[tuple[float, float, str]] = []   # the named points (the front and the default)
-        for (x, y), names in sorted(points.items()):
-            if (x, y) not in front and "default" not in names:   # dominated: a grey dot, named in the .md table
-                ax.scatter(x, y, s=14, c="0.7")
-                continue
-            ax.scatter(x, y, s=30)
-            labels.append((x, y, " = ".join(sorted(names, key=lambda n: (n != "default", n)))))
-        if rows:
-            ref = rows[0]
-            ax.scatter(ref["base_model_utility"], ref["base_forget_quality"], marker="s", c="k", label="base")
-            ax.scatter(ref.get("retain_model_utility", 0), 1.0, marker="*", s=120, c="g", label="retain model")
-        ax.set_yscale("log")
-        if len(points) > len(labels):   # some grey dots on this panel
-            ax.scatter([], [], s=14, c="0.7", label="dominated (see .md)")
-        ax.axhline(0.01, ls=":", c="grey", lw=1)
-        if rows:   # the study's target region: forget quality >= 0.01, model utility >= 0.9x the base's
-            (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-            ax.fill_between([0.9 * ref["base_model_utility"], x1], 0.01, y1, color="g", alpha=0.08,
-                            label="targets (FQ, MU)")
-            ax.set_xlim(x0, x1)
-            ax.set_ylim(y0, y1)
-        _annotate(ax, labels, middle)   # once the limits are final: it works in display coordinates
-        ax.set_xlabel("model utility")
-        ax.set_ylabel("forget quality (KS p)")
-        ax.set_title(f"TOFU {split}, tiny pipeline (median over seeds)", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
+    by_split = {s: [m for m in entries if m["split"] == s and m.get("forget_quality") is not None] for s in splits}
+    windows = {s: _zoom_window(rows) for s, rows in by_split.items()}
+    zoomed = [s for s in splits if windows[s] is not None]
+    fig, axes = plt.subplots(2 if zoomed else 1, len(splits), figsize=(6.5 * len(splits), 10 if zoomed else 5),
+                             squeeze=False, gridspec_kw={"wspace": 0.3, "hspace": 0.25})
+    for i, split in enumerate(splits):
+        _panel(axes[0][i], by_split[split], f"TOFU {split}, tiny pipeline (median over seeds)",
+               named_below=windows[split])
+        if zoomed:
+            if windows[split] is None:
+                axes[1][i].set_axis_off()
+            else:
+                _panel(axes[1][i], by_split[split], f"{split}: near the targets (FQ >= 1e-3, MU >= 0.85x base)",
+                       windows[split], wrap=40)
     return _save_figure(fig, path)
 
 

@@ -182,5 +182,28 @@ def test_point_labels_that_would_overlap_are_moved_apart():
     texts = {t.get_text(): t for t in ax.texts}
     boxes = [texts[name].get_window_extent() for _, _, name in close[:2]]
     assert not boxes[0].overlaps(boxes[1])
-    assert texts["left"].xyann[1] == 3.0
+    assert texts["left"].arrow_patch is None   # not moved: no line back to its point
+    plt.close(fig)
+
+
+def test_wrapped_labels_break_after_slashes_and_do_not_overlap():
+    from grun_fast.evaluation.report import _pyplot
+
+    assert fs._wrap("simnpo/3000steps/general160/rank64/suffix3", 20) == "simnpo/3000steps/\ngeneral160/rank64/\nsuffix3"
+    assert fs._wrap("a-very-long-single-segment", 5) == "a-very-long-single-segment"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_yscale("log")
+    ax.set_xlim(0.78, 0.9)
+    ax.set_ylim(1e-3, 2.0)
+    close = [(0.84, 0.012, "simnpo/3000steps/general160/rank64/suffix3/editonly/retain4/beta1+t0.5"),
+             (0.85, 0.011, "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1+t0.7"),
+             (0.852, 0.010, "default/general160")]
+    fs._annotate(ax, close, middle=0.8, wrap=40)
+    fig.canvas.draw()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in ax.texts]   # the texts alone, without the lines to their points
+    assert len(boxes) == 3 and all("\n" in t.get_text() for t in ax.texts[:2])
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
     plt.close(fig)

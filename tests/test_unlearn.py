@@ -527,7 +527,11 @@ def test_defaults_are_the_study_point_and_rank_fits_the_model(data, tmp_path):
     from grun_fast.unlearn.config import DEFAULT_RANK
 
     c = UnlearnConfig()
-    assert (c.method, c.beta, c.lambda_r, c.rank, c.answer_suffixes, c.positions) == ("simnpo", 1.0, 4.0, None, 3, "all")
+    assert (c.method, c.beta, c.lambda_r, c.rank, c.answer_suffixes, c.positions) == ("simnpo", None, 4.0, None, 3, "all")
+    # beta by the forget rows: 2 up to 40, 1 from 200 on, log-linear between (100 rows: 2 - log(2.5)/log(5))
+    assert [c.for_data(n).beta for n in (1, 40, 200, 4000)] == [2.0, 2.0, 1.0, 1.0]
+    assert c.for_data(100).beta == pytest.approx(2 - math.log(2.5) / math.log(5), abs=1e-12)
+    assert UnlearnConfig(beta=3.0).for_data(40).beta == 3.0 and UnlearnConfig(method="npo").for_data(40).beta == 0.1
     assert (c.for_model(2048).rank, c.for_model(32).rank, c.for_model(1).rank, DEFAULT_RANK) == (64, 16, 1, 64)
     assert UnlearnConfig(rank=8).for_model(2048).rank == 8
     assert [UnlearnConfig(method=m).answer_suffixes for m in ("npo", "gd", "idk", "rmu")] == [3, 0, 0, 0]
@@ -537,7 +541,8 @@ def test_defaults_are_the_study_point_and_rank_fits_the_model(data, tmp_path):
     model, tok = untrained_tiny(forget + retain, 32, 4, seed=0)
     unlearn(model, tok, forget, retain, layers=[3], max_steps=1, out=tmp_path, progress=False)
     assert grun_fast.adapter_config(model).rank == 16
-    assert json.loads((tmp_path / "unlearn_config.json").read_text())["rank"] == 16
+    saved = json.loads((tmp_path / "unlearn_config.json").read_text())
+    assert (saved["rank"], saved["beta"]) == (16, 2.0)   # the resolved values: 16 forget rows
 
 
 def test_deploy_threshold_trains_soft_and_deploys_hard(data, tmp_path):

@@ -232,5 +232,5 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
     scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 1.0), "simnpo": (10.0, 4.0)}[method]
     cfg = grun_fast.unlearn.UnlearnConfig(method=method)
     assert (cfg.forget_scale, cfg.lambda_r, cfg.lambda_g) == (*scale, 10.0)
-    assert cfg.beta == {"npo": 0.1, "simnpo": 1.0}.get(method, 0.1)
+    assert cfg.for_data(len(forget)).beta == {"npo": 0.1, "simnpo": 2.0}.get(method, 0.1)   # simnpo: <= 40 rows
     assert not math.isnan(pairs[-1][0])

@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train with the soft gate, then save and return the adapter with hard gate threshold T "
                         "(not with --gate-threshold)")
     h.add_argument("--forget-scale", type=float, help="forget term multiplier (default: 10 for npo and simnpo, else 1)")
-    h.add_argument("--beta", type=float, help="NPO/SimNPO temperature (default: 0.1 for npo, 1 for simnpo)")
+    h.add_argument("--beta", type=float, help="NPO/SimNPO temperature (default: 0.1 for npo; for simnpo 2 up to 40 forget "
+                                                    "rows, 1 from 200 on, log-linear between)")
     h.add_argument("--rmu-coefficient", type=float, default=d.rmu_coefficient)
     h.add_argument("--rmu-layer", type=int)
     h.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")

@@ -11,7 +11,7 @@ from typing import Any
 from grun_fast.config import GATES, POSITIONS, GRUNConfig
 from grun_fast.data.prompts import check_template
 from grun_fast.errors import GRUNError
-from grun_fast.unlearn.losses import DEFAULT_BETA, DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, METHODS
+from grun_fast.unlearn.losses import DEFAULT_BETA, DEFAULT_FORGET_SCALE, DEFAULT_LAMBDA_R, METHODS, simnpo_beta
 
 # Fractions of depth of the reference layers (20, 25, 31 of 32): ~62 %, 78 %, the last layer.
 DEFAULT_DEPTHS = (0.625, 0.78125, 1.0)
@@ -62,7 +62,8 @@ class UnlearnConfig:
         steps. max_steps, when set, wins (``steps``).
     lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 10; simnpo: 4 and 10;
         idk, rmu: 1, 1).
-    beta: NPO/SimNPO temperature; None picks the method's (npo 0.1 on summed NLL, simnpo 1 on mean NLL).
+    beta: NPO/SimNPO temperature; None picks the method's: npo 0.1 (on summed NLL); simnpo by the number of forget
+        rows (on mean NLL; ``for_data``): 2 up to 40 rows, 1 from 200 on (``losses.simnpo_beta``).
     weight_decay: AdamW weight decay of W, b and the gate; the rotation never decays (GRUN.md section 8).
     rmu_layer: layer whose output RMU steers (None: the last decoder layer); rmu_coefficient: c.
     template: prompt format: "auto" (the tokenizer's chat template when it has one, else "plain"), "plain",
@@ -171,10 +172,10 @@ class UnlearnConfig:
         for name in ("lambda_r", "forget_scale", "beta"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name))
-        if self.beta is None:
+        if self.beta is None and self.method != "simnpo":   # simnpo's depends on the forget rows (for_data)
             self.beta = DEFAULT_BETA.get(self.method, DEFAULT_BETA["npo"])
         for name in ("lr", "beta", "rmu_coefficient"):
-            if not getattr(self, name) > 0:
+            if not (name == "beta" and self.beta is None) and not getattr(self, name) > 0:
                 raise GRUNError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("seed", "rmu_layer"):
             value = getattr(self, name)
@@ -216,6 +217,13 @@ class UnlearnConfig:
         if self.rank is not None:
             return self
         return dataclasses.replace(self, rank=max(1, min(DEFAULT_RANK, hidden_size // 2)))
+
+    def for_data(self, n_forget: int) -> "UnlearnConfig":
+        """This config with what depends on the forget set filled in: beta None (simnpo) -> ``simnpo_beta`` of its
+        ``n_forget`` rows (before answer suffixes)."""
+        if self.beta is not None:
+            return self
+        return dataclasses.replace(self, beta=simnpo_beta(n_forget))
 
     def grun_config(self, num_layers: int) -> GRUNConfig:
         """The adapter's GRUNConfig, layers resolved (and range-checked) for a model of ``num_layers``."""

@@ -26,14 +26,16 @@ from grun_fast.patching import (adapter_config, adapter_modules, adapter_names, 
 from grun_fast.unlearn.cache import LowerLayerCache
 from grun_fast.unlearn.config import UnlearnConfig
 from grun_fast.unlearn.fsdp import FSDPAdapterMixin, placed_like
-from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll,
+from grun_fast.unlearn.losses import (answer_nll, gate_bce, gd_forget_loss_from_nll, idk_forget_loss_from_nll, mean_nll,
                                       npo_loss, retain_loss_from_nll, rmu_control_vector, rmu_forget_loss,
                                       retain_kl_loss, rmu_retain_loss, simnpo_loss, total_loss)
 from grun_fast.unlearn.step import PrefixCache, batch_answer_nll
 
 CONFIG_NAME = "unlearn_config.json"
 # loss parts in the train log
-LOGGED = ("forget_loss", "gate_forget", "gate_loss", "gate_retain", "retain_loss", "retain_kl")
+# forget_nll: the forget rows' mean answer-token NLL (for idk: of the refusals; not rmu), how far the edit has
+# pushed the forget answers (the base model's is near 0 on what it memorised).
+LOGGED = ("forget_loss", "forget_nll", "gate_forget", "gate_loss", "gate_retain", "retain_loss", "retain_kl")
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,6 +117,8 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         self.reference = reference            # NPO: S_ref per forget row
         self.retain_reference = retain_reference  # the frozen model's summed NLL per retain example
         self.gate_rows = gate_rows            # bool per forget example: trains the gate (None: all do)
+        if grun_config.beta is None and grun_config.method in ("npo", "simnpo"):
+            raise ValueError("GRUNTrainer needs beta resolved for the forget set (UnlearnConfig.for_data)")
         if retain_reference is None and grun_config.method != "rmu":
             raise ValueError("GRUNTrainer needs retain_reference (the frozen model's NLL per retain example) for "
                              f"method {grun_config.method!r}")
@@ -299,6 +303,7 @@ class GRUNTrainer(FSDPAdapterMixin, Trainer):
         with torch.no_grad():
             parts = {"forget_loss": forget, "retain_loss": retain, "gate_loss": gate,
                      **({"retain_kl": kl} if cfg.retain_kl else {}),
+                     **({} if cfg.method == "rmu" else {"forget_nll": mean_nll(nll[:nf], answer_tokens[:nf].sum())}),
                      "gate_forget": torch.cat([g.reshape(-1) for g in gf]).float().mean(),
                      "gate_retain": torch.cat([g.reshape(-1) for g in gr]).float().mean()}
             for k, v in parts.items():

@@ -13,6 +13,7 @@ the loss of the single-process run.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -31,10 +32,29 @@ DEFAULT_LAMBDA_R = {"gd": 2.0, "npo": 1.0, "simnpo": 4.0, "idk": 1.0, "rmu": 1.0
 # and gates 0.989 / 0.020; x100 forgets no more (0.182) and costs retain 0.064 (0.933; gate retain 0.060).
 DEFAULT_FORGET_SCALE = {"gd": 1.0, "npo": 10.0, "simnpo": 10.0, "idk": 1.0, "rmu": 1.0}
 # beta per method: NPO's acts on a summed answer NLL (tens of nats), SimNPO's on the per-token mean (a few nats).
-# SimNPO 1, below the SimNPO paper's 2.5-4.5 on TOFU: at 2.5 the push fades early and the edited model still
-# prefers the true answers (forget05, forget truth ratio median log 0.36-0.41, forget quality ~1e-10); at 1 the
-# ratios centre where the retain model's do (bench/results/forget_study.md).
+# SimNPO: by the forget set's size (``simnpo_beta``); 1.0 is its value for large sets.
 DEFAULT_BETA = {"npo": 0.1, "simnpo": 1.0}
+# SimNPO's beta sets how far the forget answers are pushed (its loss saturates once their mean token NLL passes a few
+# 1/beta). The forget study (bench/results/forget_study.md, tiny TOFU, defaults + 160 general rows, seeds 0-2):
+# - 200 forget rows (forget05): beta 1 centres the forget truth ratios near the retain model's (log median 0.11-0.14
+#   vs 0.05; forget quality median 0.27); beta 2.5 stops early, the model still prefers the true answers (0.36-0.41,
+#   ~1e-10).
+# - 40 forget rows (forget01): beta 1 pushes past them (forget answers' NLL 12.4 nats per token at the end, the
+#   retain model's 10.9; log median -0.40 to -0.59, forget quality median 0.0067); beta 2 stops at 6.6 nats, forget
+#   quality median 0.054 (0.165 without the general rows).
+# Between the two sizes beta follows log(rows) linearly (not measured in between); outside it is held.
+SIMNPO_BETA_BY_ROWS = ((40, 2.0), (200, 1.0))
+
+
+def simnpo_beta(n_forget: int) -> float:
+    """The default SimNPO beta for ``n_forget`` forget rows (before answer suffixes): SIMNPO_BETA_BY_ROWS's values at
+    its two sizes, log-linear between them, held beyond."""
+    (n0, b0), (n1, b1) = SIMNPO_BETA_BY_ROWS
+    if n_forget <= n0:
+        return b0
+    if n_forget >= n1:
+        return b1
+    return b0 + (b1 - b0) * math.log(n_forget / n0) / math.log(n1 / n0)
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

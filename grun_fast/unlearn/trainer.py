@@ -193,7 +193,7 @@ def unlearn(model: nn.Module, tokenizer: Any, forget_rows: Sequence[Mapping], re
     forget_rows, retain_rows = check_rows(forget_rows, retain_rows)
     _, decoder_layers = locate(model)
     num_layers = len(decoder_layers)
-    config = config.for_model(int(model.config.hidden_size))
+    config = config.for_model(int(model.config.hidden_size)).for_data(len(forget_rows))
     grun_config = config.grun_config(num_layers)
     if config.adapter_name in adapter_names(model):
         raise GRUNError(f"the model already has an adapter named {config.adapter_name!r}; pick another "
