@@ -222,6 +222,10 @@ SETTINGS["default/general160/beta1/rank16"] = {**SETTINGS["default/general160/be
 # 6.6 vs 12.4 nats per token at the end); 0.2.1's default for 40 forget rows
 SETTINGS["default/beta2"] = {"library_defaults": True, "beta": 2.0}
 SETTINGS["default/general160/beta2"] = {"library_defaults": True, "negatives": "general:160", "beta": 2.0}
+# NPO at the defaults (its own beta 0.1, retain weight 1, forget x10; rank, suffixes and epochs as simnpo's)
+SETTINGS["default/npo"] = {"library_defaults": True, "method": "npo"}
+SETTINGS["default/general160/npo"] = {"library_defaults": True, "negatives": "general:160", "method": "npo"}
+SETTINGS["default/general160/npo/retain4"] = {**SETTINGS["default/general160/npo"], "lambda_r": 4.0}
 
 
 def _say(message: str) -> None:
