@@ -119,6 +119,19 @@ def test_other_methods_train(tiny, data, method):
     assert losses and all(torch.isfinite(torch.tensor(h["loss"])) for h in losses)
 
 
+def test_log_carries_the_forget_answers_mean_nll(tiny, data):
+    """forget_nll is the forget rows' mean answer-token NLL: for gd, whose forget term is minus exactly that, the
+    two logged values are each other's negatives at every step; rmu, which scores no answers, logs none."""
+    model, tok = tiny
+    forget, retain = data
+    log = unlearn(model, tok, forget, retain, method="gd", layers=[2, 3], max_steps=3, **FAST).log_history
+    steps = [h for h in log if "forget_loss" in h]
+    assert len(steps) == 3 and all(h["forget_nll"] > 0 for h in steps)
+    assert all(h["forget_nll"] == pytest.approx(-h["forget_loss"], abs=2e-5) for h in steps)   # both rounded to 5
+    log = unlearn(model, tok, forget, retain, method="rmu", layers=[2, 3], max_steps=1, adapter_name="r", **FAST).log_history
+    assert not any("forget_nll" in h for h in log)
+
+
 def test_npo_reference_is_the_unedited_model_computed_once(tiny, data, monkeypatch):
     model, tok = tiny
     forget, retain = data
