@@ -201,6 +201,8 @@ def v01(setting: dict[str, Any]) -> dict[str, Any]:
     out = {**V01_DEFAULTS, **setting}
     if out["method"] == "simnpo":
         out = {**V01_SIMNPO, **out}
+    if out["method"] == "npo":   # NPO's retain weight before 0.2.1
+        out = {"lambda_r": 1.0, **out}
     if out.get("library_defaults") and out.get("epochs") is None and out.get("max_steps") is None:
         out["v01_steps"] = True
     return out
@@ -225,7 +227,9 @@ SETTINGS["default/general160/beta2"] = {"library_defaults": True, "negatives": "
 # NPO at the defaults (its own beta 0.1, retain weight 1, forget x10; rank, suffixes and epochs as simnpo's)
 SETTINGS["default/npo"] = {"library_defaults": True, "method": "npo"}
 SETTINGS["default/general160/npo"] = {"library_defaults": True, "negatives": "general:160", "method": "npo"}
-SETTINGS["default/general160/npo/retain4"] = {**SETTINGS["default/general160/npo"], "lambda_r": 4.0}
+# with 0.2.0's NPO retain weight, 1
+SETTINGS["default/npo/retain1"] = {**SETTINGS["default/npo"], "lambda_r": 1.0}
+SETTINGS["default/general160/npo/retain1"] = {**SETTINGS["default/general160/npo"], "lambda_r": 1.0}
 
 
 def _say(message: str) -> None:

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     # far more (bench/results/forget_study.md) and trains many times longer on a CPU.
     result = unlearn(base, tokenizer, data["forget"], data["retain"], method=args.method, out=adapter_dir,
                      max_steps=plan.unlearn_steps, gate="mlp", positions="last_prompt", rank=4, answer_suffixes=0,
+                     lambda_r=1.0 if args.method == "npo" else None,   # the weight (0.2.0's) this edit was measured with
                      seed=plan.seed, progress=True)
     _say(f"      {result.global_step} steps in {result.train_seconds:.1f} s; adapter written to {adapter_dir}")
 

@@ -229,7 +229,7 @@ def test_trainer_loss_matches_the_objective_from_logits(data, monkeypatch, metho
     for got, want in pairs:
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     # the defaults that enter the sum (gd: forget x1, retain x2; npo: forget x10)
-    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 1.0), "simnpo": (10.0, 4.0)}[method]
+    scale = {"gd": (1.0, 2.0), "idk": (1.0, 1.0), "npo": (10.0, 4.0), "simnpo": (10.0, 4.0)}[method]
     cfg = grun_fast.unlearn.UnlearnConfig(method=method)
     assert (cfg.forget_scale, cfg.lambda_r, cfg.lambda_g) == (*scale, 10.0)
     assert cfg.for_data(len(forget)).beta == {"npo": 0.1, "simnpo": 2.0}.get(method, 0.1)   # simnpo: <= 40 rows

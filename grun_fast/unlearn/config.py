@@ -60,7 +60,7 @@ class UnlearnConfig:
     batch_size: forget rows per optimiser step over all processes; each is paired with one retain row.
     epochs: passes over the forget set; None (default): DEFAULT_EPOCHS passes and at least MIN_DEFAULT_STEPS
         steps. max_steps, when set, wins (``steps``).
-    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 1 and 10; simnpo: 4 and 10;
+    lambda_r, forget_scale: None picks the method's default (gd: 2 and 1; npo: 4 and 10; simnpo: 4 and 10;
         idk, rmu: 1, 1).
     beta: NPO/SimNPO temperature; None picks the method's: npo 0.1 (on summed NLL); simnpo by the number of forget
         rows (on mean NLL; ``for_data``): 2 up to 40 rows, 1 from 200 on (``losses.simnpo_beta``).

@@ -26,7 +26,10 @@ METHODS = ("gd", "npo", "simnpo", "idk", "rmu")
 # lambda_r per method (GRUN.md section 4; simnpo as npo); lambda_g is 10 for all.
 # simnpo 4: with beta 1 on the forget study's forget05 point, retain weight 3 kept retain ROUGE-L but lost
 # model utility on general questions (0.771-0.797, seeds 0-2); 4 with 160 general retain rows met every target.
-DEFAULT_LAMBDA_R = {"gd": 2.0, "npo": 1.0, "simnpo": 4.0, "idk": 1.0, "rmu": 1.0}
+# npo 4 (1 before 0.2.1): at the 0.2.x edit (rank 64, every token, answer suffixes, 60 epochs) with 160 general retain
+# rows, weight 1 lost retain ROUGE-L (forget01 seeds 0-2: 0.797-0.827 against the base's 0.914; forget05 seed 0: 0.841
+# against 0.893, model utility 0.800); 4 kept it (forget01 0.870-0.905; forget05 seeds 0-2: 0.872-0.889).
+DEFAULT_LAMBDA_R = {"gd": 2.0, "npo": 4.0, "simnpo": 4.0, "idk": 1.0, "rmu": 1.0}
 # NPO: x10, not the reference code's x100. On GRUN.md section 8's tiny TOFU setting (20 forget01 + 80 retain
 # rows, 120 steps, seeds 0-2, medians) x10 gives forget ROUGE-L 0.992 -> 0.184 with retain unchanged (0.997)
 # and gates 0.989 / 0.020; x100 forgets no more (0.182) and costs retain 0.064 (0.933; gate retain 0.060).
