@@ -85,6 +85,6 @@ def test_unlearn_config_rejects(fields, match):
 
 def test_unlearn_config_defaults_per_method():
     assert (UnlearnConfig(method="gd").lambda_r, UnlearnConfig(method="gd").forget_scale) == (2.0, 1.0)
-    assert (UnlearnConfig(method="npo").lambda_r, UnlearnConfig(method="npo").forget_scale) == (1.0, 10.0)
+    assert (UnlearnConfig(method="npo").lambda_r, UnlearnConfig(method="npo").forget_scale) == (4.0, 10.0)
     assert UnlearnConfig(method="npo", forget_scale=100).forget_scale == 100
     assert UnlearnConfig(rmu_layer=-1, seed=3).rmu_layer == -1
