@@ -36,7 +36,8 @@ FIELDS = ["split", "setting", "seed", "forget_quality", "model_utility", "forget
           "base_forget_quality", "base_model_utility", "base_forget_rouge_l", "base_retain_rouge_l",
           "retain_model_utility", "train_seconds", "overrides", "date", "version", "utility_weakest",
           "format_gate_forget_min", "format_gate_retain_max", "forget_log_truth_ratio_median",
-          "forget_log_truth_ratio_sd", "retain_model_log_truth_ratio_sd", "forget_nll", "train_forget_nll"]
+          "forget_log_truth_ratio_sd", "retain_model_log_truth_ratio_sd", "forget_nll", "train_forget_nll",
+          "paraphrased_leaks"]
 
 # NPO at every token for 120 epochs (1500 steps on forget05): the base of the gate-negative settings below
 NPO_ALL_120EP: dict[str, Any] = {"library_defaults": True, "method": "npo", "positions": "all", "epochs": 120}
@@ -386,6 +387,8 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
         "gate_forget": _gate(forget), "gate_retain": _gate(retain),
         "forget_nll": float(np.mean(nlls)) if nlls else None,   # the forget answers' mean token NLL
         "forget_leaks": (forget.get("leaks") or {}).get("count"),
+        # reworded forget questions whose generation still carries the original answer (issue 12: <= 1 in 10)
+        "paraphrased_leaks": (forget["paraphrased_question"].get("leaks") or {}).get("count"),
     }
 
 
@@ -553,7 +556,7 @@ def write_report(path: Path = CSV) -> list[Path]:
     entries = sorted(medians(path), key=lambda m: (m["split"], -(m.get("forget_quality") or 0)))
     cols = ["forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "paraphrased_rouge_l",
             "forget_truth_ratio", "forget_log_truth_ratio_sd", "gate_forget", "gate_retain", "format_gate_forget_min",
-            "format_gate_retain_max", "forget_leaks", "train_seconds"]
+            "format_gate_retain_max", "forget_leaks", "paraphrased_leaks", "train_seconds"]
     md = ["# Forget-quality study (issue 12)", "",
           "`python -m bench.forget_study` on the tiny TOFU pipeline (bench/forget_study.py); medians over seeds "
           "of the adapter (base and retain models trained once with seed 0). Targets: FQ >= 0.01 and >= 100x the "

@@ -207,3 +207,13 @@ def test_wrapped_labels_break_after_slashes_and_do_not_overlap():
     assert len(boxes) == 3 and all("\n" in t.get_text() for t in ax.texts[:2])
     assert not any(boxes[i].overlaps(boxes[j]) for i in range(3) for j in range(i + 1, 3))
     plt.close(fig)
+
+
+def test_summary_counts_leaks_on_the_forget_and_the_reworded_forget_questions():
+    from grun_fast.evaluation.metrics import leak_summary
+
+    forget = {"rouge_l": 0.1, "truth_ratio": 0.6, "rows": [], "gate": {},
+              "leaks": leak_summary([0.9, 0.1, 0.2]),
+              "paraphrased_question": {"rouge_l": 0.3, "leaks": leak_summary([0.5, 0.7, 0.49, 0.0])}}
+    out = fs.summary({"splits": {"forget": forget, "retain": {"rouge_l": 0.9, "gate": {}}}})
+    assert (out["forget_leaks"], out["paraphrased_leaks"]) == (1, 2)
