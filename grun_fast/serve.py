@@ -102,10 +102,22 @@ class Served:
         gc.collect()  # the engine's batch processor, while torch is still whole (its __del__ calls into torch)
 
 
+SERVING_TRANSFORMERS = ("5.24", "5.25")  # serve_models.py subclasses this range's transformers.cli.serving
+
+
 def require_serving() -> None:
-    """GRUNError unless transformers' serving packages are installed."""
+    """GRUNError unless transformers' serving packages are installed, in a version whose serving classes
+    `grun_fast.serve_models` builds on (5.25 rewrote transformers.cli.serving)."""
+    import transformers
+    from packaging.version import Version
     from transformers.utils.import_utils import is_serve_available
 
+    low, high = SERVING_TRANSFORMERS
+    if not Version(low) <= Version(transformers.__version__) < Version(high):
+        raise GRUNError(f"grun-fast serve is built on the serving classes of transformers >={low},<{high}; "
+                        f"transformers {transformers.__version__} is installed: pip install "
+                        f"'transformers[serving]>={low},<{high}' (or pip install -e '.[serve]' in a grun_fast "
+                        "checkout); the rest of grun_fast works with it")
     if not is_serve_available():
         raise GRUNError("grun-fast serve needs transformers' serving packages (fastapi, uvicorn, openai, pydantic): "
                         "pip install 'transformers[serving]' (or pip install -e '.[serve]' in a grun_fast checkout)")

@@ -36,3 +36,17 @@ def test_bad_demo_input_is_one_error_line_and_exit_2(capsys):
     assert main(["demo", "--steps", "5"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "grun-fast demo: error: --steps only apply to the real-model demo (--model)"
+
+
+def test_serve_names_the_transformers_it_needs_before_loading(monkeypatch, capsys):
+    """The core allows any transformers >= 5.24; serving subclasses 5.24's serving classes, which 5.25 removed."""
+    import transformers
+
+    import grun_fast.models
+
+    monkeypatch.setattr(grun_fast.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    assert cli.main(["serve", "--model", "./missing", "--adapter", "./missing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transformers 5.25.0 is installed" in err[0]
+    assert "pip install 'transformers[serving]>=5.24,<5.25'" in err[0]
