@@ -38,7 +38,7 @@ def mean_gate(model, tok, rows):
     return float(torch.cat([m.last_gate for m in grun_fast.adapter_modules(model).values()]).mean())
 
 
-def check_forgets(model, tok, forget, retain, method, **kwargs):
+def check_forgets(model, tok, forget, retain, method, min_drop: float = 0.5, **kwargs):
     before = rouge(model, tok, forget), rouge(model, tok, retain)
     assert before[0] > 0.9 and before[1] > 0.9, f"the base did not memorise its rows: {before}"
     # GRUN.md section 8's setting: a rank-4 edit at the last prompt token (the gate read there below), whole rows
@@ -48,7 +48,7 @@ def check_forgets(model, tok, forget, retain, method, **kwargs):
     gates = mean_gate(model, tok, forget), mean_gate(model, tok, retain)
     print(f"{method}: ROUGE-L forget {before[0]:.3f} -> {after[0]:.3f}, retain {before[1]:.3f} -> {after[1]:.3f}; "
           f"gate forget {gates[0]:.3f}, retain {gates[1]:.3f}")
-    assert before[0] - after[0] >= 0.5
+    assert before[0] - after[0] >= min_drop
     assert before[1] - after[1] <= 0.1
     assert gates[0] >= 0.9 and gates[1] <= 0.1
 
@@ -116,13 +116,12 @@ def synthetic_base():
     return forget, retain, model, tok
 
 
-# KNOWN FAILURE (2026-12-02, noted on issue 12): on a base trained in that day's fresh environment, the edit at the
-# last prompt token dropped forget ROUGE-L by only 0.39 (gd) and 0.46 (npo) in 150 steps (300 steps: gd 0.37, npo
-# 0.80), with gates 0.998 / 0.011; the same test passed at commit 1f021bc in the previous environment and fails
-# there now too, so the base's numerics changed, not the code. Not strict: it still passes where the base forgets.
-@pytest.mark.xfail(reason="last-prompt edit forgets < 0.5 ROUGE-L on the 2026-12-02 environment's base; issue 12",
-                   strict=False)
+# The drop this edit reaches on synthetic rows depends on the base's training numerics: 0.56 (gd) / 0.71 (npo) here
+# on 2026-12-04 (every CI since 2026-12-03 reported both passing), 0.39 / 0.46 on the base trained in 2026-12-02's
+# fresh environment (the same code); gates >= 0.99 on forget rows and <= 0.06 on retain rows in both. Until 2026-12-04 this test was a non-strict xfail, which could not fail; it now
+# asserts what held in both: the gate separates the rows, the retained answers stay, and the forgotten ones lose
+# >= 0.3 ROUGE-L. The >= 0.5 drop is asserted on TOFU rows above and by the CI demo's --check on these rows' kind.
 @pytest.mark.parametrize("method", ["gd", "npo"])
 def test_grun_forgets_synthetic_rows_on_a_memorising_model(synthetic_base, method):
     forget, retain, model, tok = synthetic_base
-    check_forgets(copy.deepcopy(model), tok, forget, retain, method, gate="mlp", max_steps=150)
+    check_forgets(copy.deepcopy(model), tok, forget, retain, method, min_drop=0.3, gate="mlp", max_steps=150)
