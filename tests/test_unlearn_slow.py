@@ -118,9 +118,10 @@ def synthetic_base():
 
 # The drop this edit reaches on synthetic rows depends on the base's training numerics: 0.56 (gd) / 0.71 (npo) here
 # on 2026-12-04 (every CI since 2026-12-03 reported both passing), 0.39 / 0.46 on the base trained in 2026-12-02's
-# fresh environment (the same code); gates >= 0.99 on forget rows and <= 0.06 on retain rows in both. Until 2026-12-04 this test was a non-strict xfail, which could not fail; it now
-# asserts what held in both: the gate separates the rows, the retained answers stay, and the forgotten ones lose
-# >= 0.3 ROUGE-L. The >= 0.5 drop is asserted on TOFU rows above and by the CI demo's --check on these rows' kind.
+# fresh environment (the same code); gates >= 0.99 on forget rows and <= 0.06 on retain rows in both. Until
+# 2026-12-04 this test was a non-strict xfail, which could not fail; it now asserts what held in both: the gate
+# separates the rows, the retained answers stay, and the forgotten ones lose >= 0.3 ROUGE-L. The >= 0.5 drop is
+# asserted on TOFU rows above and by the CI demo's --check on rows of this kind.
 @pytest.mark.parametrize("method", ["gd", "npo"])
 def test_grun_forgets_synthetic_rows_on_a_memorising_model(synthetic_base, method):
     forget, retain, model, tok = synthetic_base
