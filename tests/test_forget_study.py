@@ -6,26 +6,28 @@ import csv
 
 import pytest
 
+from bench import forget_report as fr
+from bench import forget_settings as fset
 from bench import forget_study as fs
 from grun_fast.errors import GRUNError
 
 
 def _row(setting: str, seed: int, fq: float) -> dict:
-    return {**{k: "" for k in fs.FIELDS}, "split": "forget01", "setting": setting, "seed": seed,
+    return {**{k: "" for k in fr.FIELDS}, "split": "forget01", "setting": setting, "seed": seed,
             "forget_quality": fq, "model_utility": 0.9}
 
 
 def test_append_rewrites_an_older_header_and_keeps_its_rows(tmp_path):
     path = tmp_path / "study.csv"
-    old_fields = fs.FIELDS[:-1]
+    old_fields = fr.FIELDS[:-1]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=old_fields)
         writer.writeheader()
         writer.writerow({k: v for k, v in _row("npo", 0, 0.5).items() if k in old_fields})
-    fs.append({**_row("npo", 1, 0.1), "utility_weakest": "retain/probability=0.400"}, path)
+    fr.append({**_row("npo", 1, 0.1), "utility_weakest": "retain/probability=0.400"}, path)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == fs.FIELDS
+        assert reader.fieldnames == fr.FIELDS
         rows = list(reader)
     assert [r["seed"] for r in rows] == ["0", "1"]
     assert rows[0]["utility_weakest"] == "" and rows[1]["utility_weakest"] == "retain/probability=0.400"
@@ -35,8 +37,8 @@ def test_medians_over_seeds_take_the_latest_row_per_seed(tmp_path):
     path = tmp_path / "study.csv"
     for row in (_row("npo", 0, 0.9), _row("npo", 0, 0.1), _row("npo", 1, 0.3), _row("npo", 2, 0.5),
                 _row("gd", 0, 1e-6)):
-        fs.append(row, path)
-    by_setting = {m["setting"]: m for m in fs.medians(path)}
+        fr.append(row, path)
+    by_setting = {m["setting"]: m for m in fr.medians(path)}
     assert by_setting["npo"]["seeds"] == 3
     assert by_setting["npo"]["forget_quality"] == pytest.approx(0.3)   # seeds 0 (latest: 0.1), 1, 2
     assert by_setting["gd"]["seeds"] == 1
@@ -151,10 +153,10 @@ def test_negative_rows_are_seeded_and_never_evaluation_rows(tmp_path):
 
 
 def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work(monkeypatch, tmp_path):
-    for name in fs.SETTINGS:
-        own, overrides = fs.split_setting(name)
-        assert set(own) <= set(fs.STUDY_KEYS) and not set(overrides) & set(fs.STUDY_KEYS)
-    monkeypatch.setitem(fs.SETTINGS, "typo", {"method": "npo", "rnak": 64})
+    for name in fset.SETTINGS:
+        own, overrides = fset.split_setting(name)
+        assert set(own) <= set(fset.STUDY_KEYS) and not set(overrides) & set(fset.STUDY_KEYS)
+    monkeypatch.setitem(fset.SETTINGS, "typo", {"method": "npo", "rnak": 64})
     with pytest.raises(GRUNError, match="'typo'.*rnak"):
         fs.main(["--data", str(tmp_path / "no-data"), "--settings", "typo", "--cache", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
@@ -162,7 +164,7 @@ def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work
 
 def test_pareto_front_keeps_only_points_no_other_beats_on_both():
     pts = [(0.9, 1e-3), (0.8, 1e-1), (0.85, 1e-4), (0.7, 1e-1), (0.9, 1e-3)]
-    assert fs._pareto_front(pts) == {(0.9, 1e-3), (0.8, 1e-1)}
+    assert fr._pareto_front(pts) == {(0.9, 1e-3), (0.8, 1e-1)}
 
 
 def test_point_labels_that_would_overlap_are_moved_apart():
@@ -177,7 +179,7 @@ def test_point_labels_that_would_overlap_are_moved_apart():
     close = [(0.81, 1e-3, "npo/3000steps/general80/rank64/suffix3/editonly/retain3"),
              (0.85, 5e-4, "npo/3000steps/general80/rank64/suffix3/editonly/retain3/layers2-5/kl1"),
              (0.30, 5e-4, "left")]   # the other side of the panel: its label runs the other way, stays put
-    fs._annotate(ax, close, middle=0.55)
+    fr._annotate(ax, close, middle=0.55)
     fig.canvas.draw()
     texts = {t.get_text(): t for t in ax.texts}
     boxes = [texts[name].get_window_extent() for _, _, name in close[:2]]
@@ -189,8 +191,8 @@ def test_point_labels_that_would_overlap_are_moved_apart():
 def test_wrapped_labels_break_after_slashes_and_do_not_overlap():
     from grun_fast.evaluation.report import _pyplot
 
-    assert fs._wrap("simnpo/3000steps/general160/rank64/suffix3", 20) == "simnpo/3000steps/\ngeneral160/rank64/\nsuffix3"
-    assert fs._wrap("a-very-long-single-segment", 5) == "a-very-long-single-segment"
+    assert fr._wrap("simnpo/3000steps/general160/rank64/suffix3", 20) == "simnpo/3000steps/\ngeneral160/rank64/\nsuffix3"
+    assert fr._wrap("a-very-long-single-segment", 5) == "a-very-long-single-segment"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.set_yscale("log")
@@ -199,7 +201,7 @@ def test_wrapped_labels_break_after_slashes_and_do_not_overlap():
     close = [(0.84, 0.012, "simnpo/3000steps/general160/rank64/suffix3/editonly/retain4/beta1+t0.5"),
              (0.85, 0.011, "simnpo/3000steps/general80/rank64/suffix3/editonly/retain3/beta1+t0.7"),
              (0.852, 0.010, "default/general160")]
-    fs._annotate(ax, close, middle=0.8, wrap=40)
+    fr._annotate(ax, close, middle=0.8, wrap=40)
     fig.canvas.draw()
     from matplotlib.text import Text
 
