@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+        close = {n: [s for s in SETTINGS if s.startswith(n.split("/")[0] + "/") or s == n.split("/")[0]][:5]
+                 for n in unknown}
+        p.error(f"unknown settings {unknown} ({len(SETTINGS)} exist, --help lists them; e.g. "
+                f"{', '.join(close[unknown[0]] or ['default', 'default/general160'])})")
     from grun_fast.data.loading import load_tofu
     from grun_fast.demo import _check_writable
 

@@ -162,6 +162,14 @@ def test_every_setting_builds_an_unlearn_config_and_a_typo_fails_before_any_work
     assert not (tmp_path / "c").exists()
 
 
+def test_an_unknown_setting_is_named_with_its_neighbours_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fs.main(["--data", str(tmp_path), "--settings", "default,default/nope", "--cache", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown settings ['default/nope']" in err and "default/general160" in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_pareto_front_keeps_only_points_no_other_beats_on_both():
     pts = [(0.9, 1e-3), (0.8, 1e-1), (0.85, 1e-4), (0.7, 1e-1), (0.9, 1e-3)]
     assert fr._pareto_front(pts) == {(0.9, 1e-3), (0.8, 1e-1)}
