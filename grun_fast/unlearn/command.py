@@ -179,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"grun-fast unlearn: {e}", file=sys.stderr)
         return 3
+    _end_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     last = next((h for h in reversed(result.log_history) if "forget_loss" in h), {})
@@ -187,6 +188,18 @@ def _run(args: argparse.Namespace) -> int:
     print(f"done: {result.global_step} steps in {result.train_seconds:.1f} s ({summary}); adapter "
           f"{config.adapter_name!r} written to {out}")
     return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun / accelerate launch: wait for every process, then tear the process group down while the
+    interpreter is whole. Left to interpreter exit, Gloo's worker threads can still hold tensors and the process
+    aborts now and then ("terminate called without an active exception", SIGABRT; pytorch#190489; seen once in
+    the FSDP test on 2 CPU processes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _load_model(args: argparse.Namespace):
