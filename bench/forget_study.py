@@ -15,6 +15,13 @@ forget_study.md (medians over seeds) and forget_study.png (forget quality agains
 """
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_REPO = str(_Path(__file__).resolve().parents[1])
+if _REPO not in _sys.path:  # `python bench/<script>.py` works too, not only `python -m bench.<script>`
+    _sys.path.insert(0, _REPO)
+
 import argparse
 import datetime as dt
 import os
