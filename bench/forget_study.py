@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.forget_report import CSV, fmt, append, write_report
+from bench.forget_report import CSV, append, fmt, write_report
 from bench.forget_settings import SETTINGS, split_setting
 
 DEFAULT_RETAIN_ROWS = 80  # the demo's TOFU plan
@@ -293,10 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        close = {n: [s for s in SETTINGS if s.startswith(n.split("/")[0] + "/") or s == n.split("/")[0]][:5]
-                 for n in unknown}
+        family = unknown[0].split("/")[0]
+        close = [s for s in SETTINGS if s == family or s.startswith(family + "/")][:5]
         p.error(f"unknown settings {unknown} ({len(SETTINGS)} exist, --help lists them; e.g. "
-                f"{', '.join(close[unknown[0]] or ['default', 'default/general160'])})")
+                f"{', '.join(close or ['default', 'default/general160'])})")
     from grun_fast.data.loading import load_tofu
     from grun_fast.demo import _check_writable
 
