@@ -13,6 +13,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "grun_fast" / "version.p
 
 packages = find_packages(include=["grun_fast", "grun_fast.*"]) + ["grun_fast.kernels"]
 
+SERVE = ["transformers[serving]>=5.24,<5.25"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10"]
+
 setup(
     name="grun_fast",
     version=VERSION,
@@ -41,9 +44,9 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "serve": ["transformers[serving]>=5.24,<5.25"],  # grun-fast serve: fastapi, uvicorn, openai, pydantic
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "peft>=0.13", "gguf>=0.10",
-                "transformers[serving]>=5.24,<5.25"],
+        "serve": SERVE,  # grun-fast serve: fastapi, uvicorn, openai, pydantic
+        "test": TEST,    # the test suite without serving (.ci/run uses it on the newest transformers)
+        "dev": TEST + SERVE,
     },
     entry_points={"console_scripts": ["grun-fast=grun_fast.cli:main"]},
 )
